@@ -1,0 +1,90 @@
+// CPU bindings: validate, allocate, split across threads; the arithmetic is in
+// kernels.h.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/kernels.h"
+
+namespace apex4 {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x,
+                                                std::optional<int64_t> group_size,
+                                                double clip_ratio) {
+  const QuantizeDims d = check_quantize_args(x, group_size, clip_ratio);
+  auto [packed, scales] = alloc_quantized(x, d);
+  const at::Tensor xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "quantize_cpu", [&] {
+    const scalar_t* src = xc.const_data_ptr<scalar_t>();
+    uint8_t* dst = packed.mutable_data_ptr<uint8_t>();
+    float* sc = scales.mutable_data_ptr<float>();
+    // Enough rows per task that a thread's work dwarfs the dispatch cost.
+    const int64_t grain = std::max<int64_t>(1, 16384 / d.kp);
+    at::parallel_for(0, d.rows, grain, [&](int64_t begin, int64_t end) {
+      cpu::quantize_rows(src, begin, end, d.k, d.kp, d.group_len, static_cast<float>(clip_ratio),
+                         dst, sc);
+    });
+  });
+  return {packed, scales};
+}
+
+at::Tensor pack_int4_cpu(const at::Tensor& values) {
+  check_pack_args(values);
+  const at::Tensor v = values.contiguous();
+  auto shape = v.sizes().vec();
+  shape.back() /= 2;
+  at::Tensor packed = at::empty(shape, v.options().dtype(at::kByte));
+  cpu::pack_values(v.const_data_ptr<int8_t>(), packed.numel(), packed.mutable_data_ptr<uint8_t>());
+  return packed;
+}
+
+at::Tensor unpack_int4_cpu(const at::Tensor& packed) {
+  check_unpack_args(packed);
+  auto shape = packed.sizes().vec();
+  shape.back() *= 2;
+  at::Tensor values = at::empty(shape, packed.options().dtype(at::kChar));
+  cpu::unpack_values(packed.const_data_ptr<uint8_t>(), packed.numel(),
+                     values.mutable_data_ptr<int8_t>());
+  return values;
+}
+
+at::Tensor w4a4_gemm_cpu(const at::Tensor& a_q, const at::Tensor& a_s, const at::Tensor& w_q,
+                         const at::Tensor& w_s, const std::optional<at::Tensor>& bias,
+                         std::optional<at::ScalarType> out_dtype) {
+  const GemmDims d = check_gemm_args(a_q, a_s, w_q, w_s, bias, out_dtype);
+  at::Tensor out = alloc_gemm_out(a_q, d);
+  if (d.m == 0 || d.n == 0) return out;
+  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t tiles_m = (d.m + cpu::kTileM - 1) / cpu::kTileM;
+  const int64_t tiles_n = (d.n + cpu::kTileN - 1) / cpu::kTileN;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.out_dtype, "w4a4_gemm_cpu", [&] {
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
+      cpu::GemmTileBuffers buf(d.kp);
+      // Tiles are numbered n-major so that a thread's consecutive tiles share
+      // the W rows it has just unpacked into cache.
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t m0 = (t % tiles_m) * cpu::kTileM, n0 = (t / tiles_m) * cpu::kTileN;
+        cpu::gemm_tile(a_q.const_data_ptr<uint8_t>(), a_s.const_data_ptr<float>(),
+                       w_q.const_data_ptr<uint8_t>(), w_s.const_data_ptr<float>(),
+                       bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr, m0,
+                       std::min(cpu::kTileM, d.m - m0), n0, std::min(cpu::kTileN, d.n - n0), d.kp,
+                       d.groups, buf, dst, d.n);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(apex4, CPU, m) {
+  m.impl("quantize_act", &quantize_cpu);
+  m.impl("quantize_weight", &quantize_cpu);
+  m.impl("pack_int4", &pack_int4_cpu);
+  m.impl("unpack_int4", &unpack_int4_cpu);
+  m.impl("w4a4_gemm", &w4a4_gemm_cpu);
+}
+
+}  // namespace apex4

@@ -1,0 +1,11 @@
+"""torch_apex4: pure W4A4 (INT4 weights and INT4 activations) inference for PyTorch.
+
+    import torch_apex4 as apex4
+    apex4.quantize_(model, apex4.W4A4Config(group_size=128))
+    cmodel = torch.compile(model, backend="apex4")
+"""
+from .ops import num_groups, ops, padded_k
+from .quantize import W4A4Config, W4A4Linear, linear_weight_bytes, quantize_
+
+__all__ = ["W4A4Config", "W4A4Linear", "quantize_", "linear_weight_bytes", "ops", "padded_k",
+           "num_groups"]

@@ -1,0 +1,105 @@
+"""Model-level quantization: `quantize_(model, W4A4Config(...))` swaps the
+selected nn.Linear layers for W4A4Linear, whose weight is packed INT4 plus fp32
+scales (layout in docs/design.md) and whose forward runs the apex4 ops."""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .ops import ops
+
+
+@dataclass(frozen=True)
+class W4A4Config:
+    """group_size: scale group along K for weights and activations (a positive
+    multiple of 64), or None for per-channel weights with per-token activations.
+    act_clip / weight_clip: fraction of each group's absolute maximum mapped to
+    the top of the INT4 grid (1.0 = no clipping)."""
+
+    group_size: Optional[int] = 128
+    act_clip: float = 1.0
+    weight_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.group_size is not None and (
+            not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+        ):
+            raise TypeError(f"W4A4Config.group_size must be an int or None, got {self.group_size!r}")
+        for name in ("act_clip", "weight_clip"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"W4A4Config.{name} must be in (0, 1], got {value}")
+
+
+class W4A4Linear(nn.Module):
+    """A linear layer with INT4 weights that quantizes its input to INT4 on the
+    fly. Buffers: w_q uint8 [out, Kp/2], w_s float32 [out, G], optional bias."""
+
+    def __init__(self, w_q, w_s, bias, in_features, act_clip=1.0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = w_q.shape[0]
+        self.act_clip = act_clip
+        self.register_buffer("w_q", w_q)
+        self.register_buffer("w_s", w_s)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: W4A4Config) -> "W4A4Linear":
+        w_q, w_s = ops.quantize_weight(linear.weight.detach(), config.group_size, config.weight_clip)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(w_q, w_s, bias, linear.in_features, config.act_clip)
+
+    @property
+    def group_size(self) -> Optional[int]:
+        groups = self.w_s.shape[1]
+        return None if groups == 1 else self.w_q.shape[1] * 2 // groups
+
+    def forward(self, x):
+        return ops.w4a4_linear(x, self.w_q, self.w_s, self.bias, self.act_clip)
+
+    def extra_repr(self):
+        granularity = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{granularity}, act_clip={self.act_clip}, bias={self.bias is not None}")
+
+
+def _output_embeddings(model: nn.Module):
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def _default_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
+    # The LM head stays in full precision: its error lands directly on logits.
+    head = _output_embeddings(model)
+    return lambda module, name: module is not head and name.split(".")[-1] != "lm_head"
+
+
+def quantize_(model: nn.Module, config: W4A4Config,
+              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+    """Replace, in place, every nn.Linear that filter_fn(module, name) accepts
+    (default: all but the LM head) with a W4A4Linear. Returns the model."""
+    if not isinstance(config, W4A4Config):
+        raise TypeError(f"quantize_ expects a W4A4Config, got {type(config).__name__}")
+    accept = filter_fn or _default_filter(model)
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and accept(m, name)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, W4A4Linear.from_linear(linear, config))
+    return model
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the weights of the linear layers (packed weights and scales
+    for quantized ones), excluding the LM head."""
+    head = _output_embeddings(model)
+    total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, W4A4Linear):
+            total += m.w_q.nbytes + m.w_s.nbytes
+        elif isinstance(m, nn.Linear) and m is not head and name.split(".")[-1] != "lm_head":
+            total += m.weight.nbytes
+    return total
