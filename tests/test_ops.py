@@ -249,3 +249,13 @@ def test_every_op_has_an_opcheck_case():
                   if name.startswith("apex4::")}
     covered = {op.name().split("::")[1].split(".")[0] for op, _ in opcheck_cases()}
     assert registered and covered == registered
+
+
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_portable_cpu_kernel_matches_simd_kernel(monkeypatch, group_size):
+    # CPUs without AVX-512 VNNI take the portable micro-kernel; both must give
+    # the same exact partials and the same fp32 folding, hence equal outputs.
+    a_q, a_s, w_q, w_s = random_operands(70, 100, 640, group_size)
+    simd = ops.w4a4_gemm(a_q, a_s, w_q, w_s)
+    monkeypatch.setenv("APEX4_CPU_KERNEL", "portable")
+    assert torch.equal(ops.w4a4_gemm(a_q, a_s, w_q, w_s), simd)

@@ -6,7 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <cstdlib>
+#include <string_view>
 #include <vector>
 
 #include "apex4/int4.h"
@@ -56,103 +57,169 @@ inline void unpack_values(const uint8_t* packed, int64_t n_bytes, int8_t* values
 }
 
 // ---- GEMM -------------------------------------------------------------------
-// Output tiles of kTileM x kTileN; each tile unpacks its rows of A and W to
-// int16 once (so the inner loop is a plain int16 dot product the compiler turns
-// into multiply-add SIMD), then walks K group by group: exact int32 partials
-// per group, scaled into float accumulators at the group's end.
+// Each packed byte holds a pair of adjacent K values; widened to two int16
+// halves of one int32, a pair is the operand of a 2-way int16 multiply-add
+// (x86 pmaddwd). A tile keeps A row-major as pairs and W transposed as pairs
+// ([K/2][columns]), so the micro-kernel broadcasts one A pair against a row of
+// W pairs and accumulates vertically: no horizontal sums inside the K loop.
 constexpr int64_t kTileM = 64;
 constexpr int64_t kTileN = 64;
-constexpr int kMicroM = 4;
-constexpr int kMicroN = 4;
-// K is consumed in chunks so that the 4+4 rows of a micro-tile stay in L1 even
-// for per-channel groups spanning all of K.
-constexpr int64_t kChunkK = 512;
+constexpr int kMicroM = 8;
+constexpr int kMicroN = 32;
+static_assert(kTileM % kMicroM == 0 && kTileN % kMicroN == 0, "tiles hold whole micro-tiles");
 
-// Rows of an int16 tile buffer are rounded up to the micro-tile so the micro
-// kernel needs no tails; the extra rows are zeros and never read back.
-inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-inline void unpack_rows_i16(const uint8_t* packed, int64_t rows, int64_t rows_alloc, int64_t kp,
-                            int16_t* out) {
-  const int64_t kb = kp / 2;
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* p = packed + r * kb;
-    int16_t* o = out + r * kp;
-    for (int64_t j = 0; j < kb; ++j) {
-      o[2 * j] = static_cast<int16_t>(unpack_lo(p[j]));
-      o[2 * j + 1] = static_cast<int16_t>(unpack_hi(p[j]));
-    }
-  }
-  std::memset(out + rows * kp, 0, sizeof(int16_t) * (rows_alloc - rows) * kp);
+inline int32_t widen_pair(uint8_t b) {
+  const uint32_t lo = static_cast<uint16_t>(static_cast<int16_t>(unpack_lo(b)));
+  const uint32_t hi = static_cast<uint16_t>(static_cast<int16_t>(unpack_hi(b)));
+  return static_cast<int32_t>(lo | (hi << 16));
 }
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__GNUC__) && defined(__x86_64__)
+#define APEX4_X86 1
+#include <immintrin.h>
 // One binary for every x86 CPU: the loader picks the widest SIMD present.
 #define APEX4_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define APEX4_SIMD_CLONES
 #endif
 
-// acc[i][j] += sum_k a[i][k] * w[j][k] over len values, for a kMicroM x kMicroN
-// block; a and w rows are ld apart.
-APEX4_SIMD_CLONES
-inline void micro_dot(const int16_t* __restrict a, const int16_t* __restrict w, int64_t ld,
-                      int64_t len, int32_t* __restrict acc, int64_t acc_ld) {
+// Adds float(P_g) * (sa * sw) for group g of a kMicroM x kMicroN block into out.
+inline void fold_group(const int32_t* part, const float* sa, int64_t groups, int64_t g,
+                       const float* swt, int64_t ldw, float* out, int64_t ldo) {
   for (int i = 0; i < kMicroM; ++i) {
+    const float s = sa[i * groups + g];
     for (int j = 0; j < kMicroN; ++j) {
-      const int16_t* ai = a + i * ld;
-      const int16_t* wj = w + j * ld;
-      int32_t s = 0;
-      for (int64_t k = 0; k < len; ++k) s += static_cast<int32_t>(ai[k]) * wj[k];
-      acc[i * acc_ld + j] += s;
+      out[i * ldo + j] += static_cast<float>(part[i * kMicroN + j]) * (s * swt[g * ldw + j]);
     }
   }
 }
 
-struct GemmTileBuffers {
-  std::vector<int16_t> a, w;
-  std::vector<int32_t> partial;
-  std::vector<float> acc;
-  explicit GemmTileBuffers(int64_t kp)
-      : a(kTileM * kp), w(kTileN * kp), partial(kTileM * kTileN), acc(kTileM * kTileN) {}
-};
-
-// One output tile: rows [m0, m0+tm) of A against rows [n0, n0+tn) of W.
-// Accumulates in fp32, adds the bias, and rounds once into out (row stride ldo,
-// any type constructible from float).
-template <typename T>
-void gemm_tile(const uint8_t* a_q, const float* a_s, const uint8_t* w_q, const float* w_s,
-                      const float* bias, int64_t m0, int64_t tm, int64_t n0, int64_t tn,
-                      int64_t kp, int64_t groups, GemmTileBuffers& buf, T* out,
-                      int64_t ldo) {
-  const int64_t group_len = kp / groups;
-  const int64_t tm_alloc = round_up(tm, kMicroM), tn_alloc = round_up(tn, kMicroN);
-  unpack_rows_i16(a_q + m0 * (kp / 2), tm, tm_alloc, kp, buf.a.data());
-  unpack_rows_i16(w_q + n0 * (kp / 2), tn, tn_alloc, kp, buf.w.data());
-  std::fill(buf.acc.begin(), buf.acc.end(), 0.0f);
+// out[i][j] += sum_g float(P_g[i][j]) * (sa[i][g] * sw[g][j]) for one
+// kMicroM x kMicroN block. a: [kMicroM][pairs_per_row] pairs; wt: [K/2][ldw]
+// pairs; sa: [kMicroM][groups]; swt: [groups][ldw]. Portable version; the
+// compiler vectorises the j loop.
+APEX4_SIMD_CLONES
+inline void micro_gemm_portable(const int32_t* __restrict a, int64_t pairs_per_row,
+                                const int32_t* __restrict wt, int64_t ldw,
+                                const float* __restrict sa, const float* __restrict swt,
+                                int64_t groups, int64_t group_pairs, float* __restrict out,
+                                int64_t ldo) {
   for (int64_t g = 0; g < groups; ++g) {
-    std::fill(buf.partial.begin(), buf.partial.end(), 0);
-    for (int64_t kc = g * group_len; kc < (g + 1) * group_len; kc += kChunkK) {
-      const int64_t len = std::min(kChunkK, (g + 1) * group_len - kc);
-      for (int64_t i = 0; i < tm_alloc; i += kMicroM) {
-        for (int64_t j = 0; j < tn_alloc; j += kMicroN) {
-          micro_dot(buf.a.data() + i * kp + kc, buf.w.data() + j * kp + kc, kp, len,
-                    buf.partial.data() + i * kTileN + j, kTileN);
+    int32_t part[kMicroM * kMicroN] = {};
+    for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
+      const int32_t* w = wt + p * ldw;
+      for (int i = 0; i < kMicroM; ++i) {
+        const int32_t ap = a[i * pairs_per_row + p];
+        const int32_t a0 = static_cast<int16_t>(ap), a1 = static_cast<int16_t>(ap >> 16);
+        for (int j = 0; j < kMicroN; ++j) {
+          part[i * kMicroN + j] +=
+              a0 * static_cast<int16_t>(w[j]) + a1 * static_cast<int16_t>(w[j] >> 16);
         }
       }
     }
-    for (int64_t i = 0; i < tm; ++i) {
-      const float sa = a_s[(m0 + i) * groups + g];
-      for (int64_t j = 0; j < tn; ++j) {
-        buf.acc[i * kTileN + j] +=
-            static_cast<float>(buf.partial[i * kTileN + j]) * (sa * w_s[(n0 + j) * groups + g]);
+    fold_group(part, sa, groups, g, swt, ldw, out, ldo);
+  }
+}
+
+#ifdef APEX4_X86
+// AVX-512 VNNI: one vpdpwssd is 16 columns x one pair of K, the A pair
+// broadcast. 8 rows x 2 vectors = 16 int32 accumulators stay in registers
+// through a group.
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void micro_gemm_vnni(
+    const int32_t* __restrict a, int64_t pairs_per_row, const int32_t* __restrict wt, int64_t ldw,
+    const float* __restrict sa, const float* __restrict swt, int64_t groups, int64_t group_pairs,
+    float* __restrict out, int64_t ldo) {
+  static_assert(kMicroM == 8 && kMicroN == 32, "register blocking is written for 8 x 32");
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[kMicroM][2];
+    for (auto& row : acc) row[0] = row[1] = _mm512_setzero_si512();
+    for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
+      const __m512i w0 = _mm512_loadu_si512(wt + p * ldw);
+      const __m512i w1 = _mm512_loadu_si512(wt + p * ldw + 16);
+      for (int i = 0; i < kMicroM; ++i) {
+        const __m512i ap = _mm512_set1_epi32(a[i * pairs_per_row + p]);
+        acc[i][0] = _mm512_dpwssd_epi32(acc[i][0], ap, w0);
+        acc[i][1] = _mm512_dpwssd_epi32(acc[i][1], ap, w1);
       }
+    }
+    alignas(64) int32_t part[kMicroM * kMicroN];
+    for (int i = 0; i < kMicroM; ++i) {
+      _mm512_store_si512(part + i * kMicroN, acc[i][0]);
+      _mm512_store_si512(part + i * kMicroN + 16, acc[i][1]);
+    }
+    fold_group(part, sa, groups, g, swt, ldw, out, ldo);
+  }
+}
+#endif
+
+using MicroGemm = void (*)(const int32_t*, int64_t, const int32_t*, int64_t, const float*,
+                           const float*, int64_t, int64_t, float*, int64_t);
+
+// APEX4_CPU_KERNEL=portable forces the portable micro-kernel (tests use it to
+// cover the path that CPUs without AVX-512 VNNI take).
+inline MicroGemm select_micro_gemm() {
+#ifdef APEX4_X86
+  const char* forced = std::getenv("APEX4_CPU_KERNEL");
+  if ((forced == nullptr || std::string_view(forced) != "portable") &&
+      __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) {
+    return micro_gemm_vnni;
+  }
+#endif
+  return micro_gemm_portable;
+}
+
+// Per-thread tile storage; rows and columns past the matrix edge are zeros so
+// the micro-kernel needs no tails.
+struct GemmTileBuffers {
+  std::vector<int32_t> a, wt;
+  std::vector<float> sa, swt, out;
+  MicroGemm micro = select_micro_gemm();
+  GemmTileBuffers(int64_t kp, int64_t groups)
+      : a(kTileM * kp / 2), wt(kp / 2 * kTileN), sa(kTileM * groups), swt(groups * kTileN),
+        out(kTileM * kTileN) {}
+};
+
+// Loads rows [n0, n0+tn) of W, transposed into pairs, with their scales.
+inline void load_w_tile(const uint8_t* w_q, const float* w_s, int64_t n0, int64_t tn, int64_t kp,
+                        int64_t groups, GemmTileBuffers& buf) {
+  const int64_t pairs = kp / 2;
+  std::fill(buf.wt.begin(), buf.wt.end(), 0);
+  std::fill(buf.swt.begin(), buf.swt.end(), 0.0f);
+  for (int64_t j = 0; j < tn; ++j) {
+    const uint8_t* src = w_q + (n0 + j) * pairs;
+    for (int64_t p = 0; p < pairs; ++p) buf.wt[p * kTileN + j] = widen_pair(src[p]);
+    for (int64_t g = 0; g < groups; ++g) buf.swt[g * kTileN + j] = w_s[(n0 + j) * groups + g];
+  }
+}
+
+// One output tile: rows [m0, m0+tm) of A against the W tile in buf (columns
+// [n0, n0+tn)), in fp32 plus bias, rounded once into out (row stride ldo, any
+// type constructible from float).
+template <typename T>
+void gemm_tile(const uint8_t* a_q, const float* a_s, const float* bias, int64_t m0, int64_t tm,
+               int64_t n0, int64_t tn, int64_t kp, int64_t groups, GemmTileBuffers& buf, T* out,
+               int64_t ldo) {
+  const int64_t pairs = kp / 2;
+  std::fill(buf.a.begin(), buf.a.end(), 0);
+  std::fill(buf.sa.begin(), buf.sa.end(), 0.0f);
+  for (int64_t i = 0; i < tm; ++i) {
+    const uint8_t* src = a_q + (m0 + i) * pairs;
+    for (int64_t p = 0; p < pairs; ++p) buf.a[i * pairs + p] = widen_pair(src[p]);
+    std::copy_n(a_s + (m0 + i) * groups, groups, buf.sa.begin() + i * groups);
+  }
+  const int64_t group_pairs = pairs / groups;
+  std::fill(buf.out.begin(), buf.out.end(), 0.0f);
+  for (int64_t i = 0; i < tm; i += kMicroM) {
+    for (int64_t j = 0; j < tn; j += kMicroN) {
+      buf.micro(buf.a.data() + i * pairs, pairs, buf.wt.data() + j, kTileN,
+                buf.sa.data() + i * groups, buf.swt.data() + j, groups, group_pairs,
+                buf.out.data() + i * kTileN + j, kTileN);
     }
   }
   for (int64_t i = 0; i < tm; ++i) {
     for (int64_t j = 0; j < tn; ++j) {
       out[(m0 + i) * ldo + n0 + j] =
-          static_cast<T>(buf.acc[i * kTileN + j] + (bias ? bias[n0 + j] : 0.0f));
+          static_cast<T>(buf.out[i * kTileN + j] + (bias ? bias[n0 + j] : 0.0f));
     }
   }
 }

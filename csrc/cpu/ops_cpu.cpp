@@ -56,21 +56,22 @@ at::Tensor w4a4_gemm_cpu(const at::Tensor& a_q, const at::Tensor& a_s, const at:
   at::Tensor out = alloc_gemm_out(a_q, d);
   if (d.m == 0 || d.n == 0) return out;
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const int64_t tiles_m = (d.m + cpu::kTileM - 1) / cpu::kTileM;
   const int64_t tiles_n = (d.n + cpu::kTileN - 1) / cpu::kTileN;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.out_dtype, "w4a4_gemm_cpu", [&] {
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
-      cpu::GemmTileBuffers buf(d.kp);
-      // Tiles are numbered n-major so that a thread's consecutive tiles share
-      // the W rows it has just unpacked into cache.
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t m0 = (t % tiles_m) * cpu::kTileM, n0 = (t / tiles_m) * cpu::kTileN;
-        cpu::gemm_tile(a_q.const_data_ptr<uint8_t>(), a_s.const_data_ptr<float>(),
-                       w_q.const_data_ptr<uint8_t>(), w_s.const_data_ptr<float>(),
-                       bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr, m0,
-                       std::min(cpu::kTileM, d.m - m0), n0, std::min(cpu::kTileN, d.n - n0), d.kp,
-                       d.groups, buf, dst, d.n);
+    // Threads split N: each unpacks a W tile once and reuses it for all of M.
+    at::parallel_for(0, tiles_n, 1, [&](int64_t begin, int64_t end) {
+      cpu::GemmTileBuffers buf(d.kp, d.groups);
+      for (int64_t tn = begin; tn < end; ++tn) {
+        const int64_t n0 = tn * cpu::kTileN, n_len = std::min(cpu::kTileN, d.n - n0);
+        cpu::load_w_tile(w_q.const_data_ptr<uint8_t>(), w_s.const_data_ptr<float>(), n0, n_len,
+                         d.kp, d.groups, buf);
+        for (int64_t m0 = 0; m0 < d.m; m0 += cpu::kTileM) {
+          cpu::gemm_tile(a_q.const_data_ptr<uint8_t>(), a_s.const_data_ptr<float>(),
+                         bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr, m0,
+                         std::min(cpu::kTileM, d.m - m0), n0, n_len, d.kp, d.groups, buf, dst,
+                         d.n);
+        }
       }
     });
   });
