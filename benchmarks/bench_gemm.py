@@ -1,0 +1,229 @@
+"""GEMM speed on one GPU, side by side: FP16 F.linear (cuBLAS), INT8
+torch._int_mm, FP8 torch._scaled_mm (e4m3, row-wise scales) and apex4
+(w4a4_gemm alone, and quantize_act + w4a4_gemm) per granularity, at the
+LLaMA-2-7B/70B linear-layer shapes.
+
+Times are medians of triton.testing.do_bench (which also clears L2 before
+every call), or of CUDA events when Triton is missing. Inputs are random and
+non-zero; for small problems several copies of every operand are rotated so
+that none is served from L2. Prints a table last (microseconds for FP16, then
+speedup over FP16 per cell) and writes every measurement as JSON.
+
+    python benchmarks/bench_gemm.py [--quick] [--json PATH]
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import torch_apex4  # noqa: F401  (registers the ops)
+
+ops = torch.ops.apex4
+
+SHAPES = [  # (name, K, N) of y[M, N] = x[M, K] @ W[N, K]^T
+    ("7B qkvo", 4096, 4096),
+    ("7B up/gate", 4096, 11008),
+    ("7B down", 11008, 4096),
+    ("70B o", 8192, 8192),
+    ("70B up/gate", 8192, 28672),
+    ("70B down", 28672, 8192),
+]
+TOKENS = [1, 16, 128, 512, 2048, 8192]
+GRANULARITIES = [None, 128, 64, 256]  # None: per channel (weights) / per token (activations)
+
+QUICK_SHAPES = ["7B qkvo", "7B up/gate", "70B up/gate"]
+QUICK_TOKENS = [1, 16, 2048, 8192]
+QUICK_GRANULARITIES = [None, 128]
+
+# Operand copies rotated per call: enough bytes that the next call's operands
+# are not in L2 (50 MB on an H100) even without do_bench's cache clearing.
+ROTATION_BYTES = 256 << 20
+MAX_COPIES = 8
+
+
+def granularity_name(group_size):
+    return "per-channel" if group_size is None else f"g{group_size}"
+
+
+def median_us(fn):
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(50):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def rotating(make):
+    """A function that, called repeatedly, cycles through enough copies of
+    make()'s operands (a tuple of tensors) to span ROTATION_BYTES."""
+    first = make()
+    size = sum(t.numel() * t.element_size() for t in first)
+    copies = max(1, min(MAX_COPIES, math.ceil(ROTATION_BYTES / max(size, 1))))
+    pool = [first] + [make() for _ in range(copies - 1)]
+    state = {"i": 0}
+
+    def next_operands():
+        state["i"] = (state["i"] + 1) % copies
+        return pool[state["i"]]
+
+    return next_operands
+
+
+def fp16_case(m, k, n):
+    def make():
+        return torch.randn(m, k, dtype=torch.float16, device="cuda"), \
+            torch.randn(n, k, dtype=torch.float16, device="cuda") * 0.02
+    operands = rotating(make)
+    return lambda: F.linear(*operands())
+
+
+def int8_case(m, k, n):
+    def make():
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+        return a, w.t()  # [K, N] column-major, the layout cuBLASLt wants
+    operands = rotating(make)
+    return lambda: torch._int_mm(*operands())
+
+
+def fp8_case(m, k, n):
+    e4m3 = torch.float8_e4m3fn
+
+    def make():
+        a = (torch.randn(m, k, device="cuda") * 4).to(e4m3)
+        w = (torch.randn(n, k, device="cuda") * 4).to(e4m3)
+        return a, w.t(), torch.rand(m, 1, device="cuda") + 0.5, torch.rand(1, n, device="cuda") + 0.5
+    operands = rotating(make)
+
+    def run():
+        a, b, sa, sb = operands()
+        return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+    return run
+
+
+def apex4_cases(m, k, n, group_size):
+    """(gemm only, quantize + gemm) for one granularity."""
+    def make():
+        x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+        w_q, w_s = ops.quantize_weight(torch.randn(n, k, device="cuda"), group_size)
+        a_q, a_s = ops.quantize_act(x, group_size)
+        return x, a_q, a_s, w_q, w_s
+    operands = rotating(make)
+
+    def gemm():
+        _, a_q, a_s, w_q, w_s = operands()
+        return ops.w4a4_gemm(a_q, a_s, w_q, w_s, None, torch.float16)
+
+    def quantize_and_gemm():
+        x, _, _, w_q, w_s = operands()
+        a_q, a_s = ops.quantize_act(x, group_size)
+        return ops.w4a4_gemm(a_q, a_s, w_q, w_s, None, torch.float16)
+    return gemm, quantize_and_gemm
+
+
+def measure(fn):
+    """Median microseconds, or None where the baseline does not support the
+    shape (e.g. torch._int_mm needs M > 16)."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+    except (RuntimeError, ValueError) as err:
+        print(f"    unsupported: {str(err).splitlines()[0][:100]}", file=sys.stderr)
+        return None
+    return median_us(fn)
+
+
+def run(shapes, tokens, granularities):
+    records = []
+    for name, k, n in shapes:
+        for m in tokens:
+            print(f"{name} K={k} N={n} M={m}", file=sys.stderr)
+            cases = [("fp16", None, fp16_case(m, k, n)), ("int8", None, int8_case(m, k, n)),
+                     ("fp8", None, fp8_case(m, k, n))]
+            for g in granularities:
+                gemm, q_gemm = apex4_cases(m, k, n, g)
+                cases += [("apex4 gemm", granularity_name(g), gemm),
+                          ("apex4 quant+gemm", granularity_name(g), q_gemm)]
+            row = []
+            for method, granularity, fn in cases:
+                us = measure(fn)
+                row.append(dict(shape=name, k=k, n=n, m=m, method=method, granularity=granularity,
+                                median_us=us, tops=None if us is None else 2 * m * n * k / us / 1e6))
+            fp16_us = row[0]["median_us"]
+            for r in row:
+                r["speedup_vs_fp16"] = (None if r["median_us"] is None or fp16_us is None
+                                        else fp16_us / r["median_us"])
+            records += row
+            torch.cuda.empty_cache()
+    return records
+
+
+def print_table(records):
+    columns = []
+    for r in records:
+        key = (r["method"], r["granularity"])
+        if key not in columns:
+            columns.append(key)
+    headers = ["shape", "M", "fp16 us"] + [
+        m if g is None else f"{m.replace('apex4 ', '')} {g}" for m, g in columns[1:]]
+    rows = {}
+    for r in records:
+        rows.setdefault((r["shape"], r["k"], r["n"], r["m"]), {})[(r["method"], r["granularity"])] = r
+    lines = []
+    for (shape, k, n, m), cells in rows.items():
+        fp16 = cells[columns[0]]["median_us"]
+        line = [f"{shape} {k}->{n}", str(m), "-" if fp16 is None else f"{fp16:.1f}"]
+        for key in columns[1:]:
+            s = cells.get(key, {}).get("speedup_vs_fp16")
+            line.append("-" if s is None else f"{s:.2f}x")
+        lines.append(line)
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    for line in lines:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+    print("cells: speedup over FP16 F.linear (higher is better); apex4 outputs fp16; "
+          "'quant+gemm' includes quantize_act of the fp16 input")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller grid")
+    default_json = os.path.join(os.environ["OUT"], "bench_gemm.json") if os.environ.get("OUT") else None
+    parser.add_argument("--json", default=default_json,
+                        help="where to write the measurements (default: $OUT/bench_gemm.json)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_gemm.py needs a CUDA GPU")
+    shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK_SHAPES]
+    tokens = QUICK_TOKENS if args.quick else TOKENS
+    granularities = QUICK_GRANULARITIES if args.quick else GRANULARITIES
+    torch.manual_seed(0)
+    records = run(shapes, tokens, granularities)
+    if args.json:
+        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                    cuda=torch.version.cuda, gemm_path=os.environ.get("APEX4_GEMM_PATH", "auto"))
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, records=records), f, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+    print_table(records)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+// Host entry points of the CUDA kernels. Torch-free (plain pointers, sizes and
+// a stream), so the binding (ops_cuda.cu) and the standalone nvcc test
+// (tests/kernel_test.cu) drive exactly the same code.
+//
+// Every launcher enqueues its kernel on `stream` and returns the status of the
+// host-side setup it did before the launch (cudaSuccess if none); the launch's
+// own error is left for the caller to fetch with cudaGetLastError, which is
+// what C10_CUDA_KERNEL_LAUNCH_CHECK does.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace apex4::cuda {
+
+// Element type of a float tensor the kernels read or write.
+enum class FloatKind : int { kF32, kF16, kBF16 };
+
+// out[M, N] = sum_g float(P[m, n, g]) * (a_scale[m, g] * w_scale[n, g]) (+ bias[n]),
+// P the exact int32 dot product of group g (docs/design.md). All row-major and
+// contiguous: a [M, kp/2], w [N, kp/2], a_scale [M, groups], w_scale [N, groups].
+struct GemmParams {
+  const uint8_t* a;
+  const float* a_scale;
+  const uint8_t* w;
+  const float* w_scale;
+  const void* bias;  // [N] or nullptr
+  FloatKind bias_kind;
+  void* out;
+  FloatKind out_kind;
+  int m, n, kp, groups;  // kp and kp / groups are multiples of 64
+};
+
+// The INT8 tensor-core paths hold every operand as 16 * value (see mma.cuh),
+// so their int32 partial sums are 256x the true ones: exact while
+// group_len * 128 * 128 fits in int32. Longer groups need the INT4 MMA path.
+constexpr int64_t kMaxInt8MmaGroupLen = (int64_t{1} << 31) / (128 * 128) - 64;
+
+// Largest M the decode kernel is built for (two 8-token MMA tiles); the
+// binding picks it up to here. Larger M still runs, 16 tokens per block row.
+constexpr int kDecodeMaxTokens = 16;
+
+// x [rows, k] -> packed [rows, kp/2], scales [rows, kp/group_len].
+cudaError_t launch_quantize(const void* x, FloatKind x_kind, int64_t rows, int64_t k, int64_t kp,
+                            int64_t group_len, float clip_ratio, uint8_t* packed, float* scales,
+                            cudaStream_t stream);
+// Largest group count per row launch_quantize accepts (its shared memory).
+constexpr int64_t kQuantizeMaxGroups = 12288;
+
+cudaError_t launch_pack_int4(const int8_t* values, int64_t n_bytes, uint8_t* packed,
+                             cudaStream_t stream);
+cudaError_t launch_unpack_int4(const uint8_t* packed, int64_t n_bytes, int8_t* values,
+                               cudaStream_t stream);
+
+// Tiled GEMM on INT4 tensor cores (mma m16n8k64 s4): the sm_80/86/89 path.
+cudaError_t launch_gemm_tiled_int4(const GemmParams& p, cudaStream_t stream);
+// Tiled GEMM with INT4 unpacked to INT8 on chip (mma m16n8k32 s8): the sm_90
+// path (Hopper emulates the s4 MMA). Needs group_len <= kMaxInt8MmaGroupLen.
+cudaError_t launch_gemm_tiled_int8(const GemmParams& p, cudaStream_t stream);
+// Memory-bound GEMM for a few tokens: every weight byte is read once per 16
+// tokens. Needs group_len <= kMaxInt8MmaGroupLen.
+cudaError_t launch_gemm_decode(const GemmParams& p, cudaStream_t stream);
+
+}  // namespace apex4::cuda

@@ -1,0 +1,177 @@
+// CUDA bindings: validate (checks.h, shared with the CPU backend), allocate,
+// pick a kernel, launch on the current stream. The kernels live in the
+// torch-free headers beside this file and are driven through launch.h.
+//
+// w4a4_gemm picks its kernel by compute capability and M; APEX4_GEMM_PATH
+// (read on every call) overrides the choice, so the tests can run every path
+// on one GPU:
+//   auto    decode for M <= 16, else sm90 on compute capability 9.x+, else sm80
+//   sm80    tiled GEMM on INT4 tensor cores (Hopper runs them emulated, slowly)
+//   sm90    tiled GEMM on INT8 tensor cores, INT4 unpacked on chip
+//   decode  memory-bound kernel for few tokens (any M; 16 tokens per block row)
+// sm90 and decode hold 256x the partial sums in int32; for groups longer than
+// kMaxInt8MmaGroupLen they would overflow, and sm80 runs instead.
+//
+// Only c10/cuda headers (the stream is c10::cuda::getCurrentCUDAStream, which
+// at::cuda::getCurrentCUDAStream forwards to): ATen/cuda/CUDAContext.h pulls
+// in cuBLAS and cuSPARSE headers, which a CPU-only build machine lacks, and
+// this file must still compile there (csrc/cuda/compile_check.sh).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "checks.h"
+#include "cuda/launch.h"
+
+namespace apex4 {
+namespace {
+
+cuda::FloatKind float_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return cuda::FloatKind::kF16;
+    case at::kBFloat16: return cuda::FloatKind::kBF16;
+    default: return cuda::FloatKind::kF32;
+  }
+}
+
+// The kernels read packed rows 16 bytes at a time from the tensor's start; a
+// view that starts mid-allocation may not be aligned for that.
+at::Tensor aligned_16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone();
+}
+
+void check_int_range(int64_t v, const char* what) {
+  TORCH_CHECK_VALUE(v <= std::numeric_limits<int>::max(), "apex4: ", what, " = ", v,
+                    " is too large for the CUDA kernels");
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x,
+                                                 std::optional<int64_t> group_size,
+                                                 double clip_ratio) {
+  const QuantizeDims d = check_quantize_args(x, group_size, clip_ratio);
+  TORCH_CHECK_VALUE(d.groups <= cuda::kQuantizeMaxGroups, "apex4: ", d.groups,
+                    " groups per row exceed the CUDA quantizer's limit of ",
+                    cuda::kQuantizeMaxGroups);
+  check_int_range(d.kp, "padded K");
+  check_int_range(d.rows, "the number of rows");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [packed, scales] = alloc_quantized(x, d);
+  if (d.rows == 0) return {packed, scales};
+  const at::Tensor xc = x.contiguous();
+  C10_CUDA_CHECK(cuda::launch_quantize(xc.const_data_ptr(), float_kind(xc.scalar_type()), d.rows,
+                                       d.k, d.kp, d.group_len, static_cast<float>(clip_ratio),
+                                       packed.mutable_data_ptr<uint8_t>(),
+                                       scales.mutable_data_ptr<float>(),
+                                       c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {packed, scales};
+}
+
+at::Tensor pack_int4_cuda(const at::Tensor& values) {
+  check_pack_args(values);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor v = values.contiguous();
+  auto shape = v.sizes().vec();
+  shape.back() /= 2;
+  at::Tensor packed = at::empty(shape, v.options().dtype(at::kByte));
+  if (packed.numel() == 0) return packed;
+  C10_CUDA_CHECK(cuda::launch_pack_int4(v.const_data_ptr<int8_t>(), packed.numel(),
+                                        packed.mutable_data_ptr<uint8_t>(),
+                                        c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return packed;
+}
+
+at::Tensor unpack_int4_cuda(const at::Tensor& packed) {
+  check_unpack_args(packed);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  auto shape = packed.sizes().vec();
+  shape.back() *= 2;
+  at::Tensor values = at::empty(shape, packed.options().dtype(at::kChar));
+  if (packed.numel() == 0) return values;
+  C10_CUDA_CHECK(cuda::launch_unpack_int4(packed.const_data_ptr<uint8_t>(), packed.numel(),
+                                          values.mutable_data_ptr<int8_t>(),
+                                          c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return values;
+}
+
+enum class GemmPath { kAuto, kSm80, kSm90, kDecode };
+
+GemmPath requested_gemm_path() {
+  const char* env = std::getenv("APEX4_GEMM_PATH");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return GemmPath::kAuto;
+  if (std::strcmp(env, "sm80") == 0) return GemmPath::kSm80;
+  if (std::strcmp(env, "sm90") == 0) return GemmPath::kSm90;
+  if (std::strcmp(env, "decode") == 0) return GemmPath::kDecode;
+  TORCH_CHECK_VALUE(false, "apex4: APEX4_GEMM_PATH must be auto, sm80, sm90 or decode, got '",
+                    env, "'");
+}
+
+GemmPath choose_gemm_path(const GemmDims& d, const at::Device& device) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
+  TORCH_CHECK_VALUE(major >= 8, "apex4: the CUDA kernels need compute capability 8.0 or newer, "
+                    "this GPU is ", major, ".x");
+  GemmPath path = requested_gemm_path();
+  if (path == GemmPath::kAuto) {
+    path = d.m <= cuda::kDecodeMaxTokens ? GemmPath::kDecode
+           : major >= 9                ? GemmPath::kSm90
+                                       : GemmPath::kSm80;
+  }
+  if (path != GemmPath::kSm80 && d.group_len > cuda::kMaxInt8MmaGroupLen) path = GemmPath::kSm80;
+  return path;
+}
+
+at::Tensor w4a4_gemm_cuda(const at::Tensor& a_q, const at::Tensor& a_s, const at::Tensor& w_q,
+                          const at::Tensor& w_s, const std::optional<at::Tensor>& bias,
+                          std::optional<at::ScalarType> out_dtype) {
+  const GemmDims d = check_gemm_args(a_q, a_s, w_q, w_s, bias, out_dtype);
+  check_int_range(d.m, "M");
+  check_int_range(d.n, "N");
+  check_int_range(d.kp, "padded K");
+  const c10::cuda::CUDAGuard guard(a_q.device());
+  at::Tensor out = alloc_gemm_out(a_q, d);
+  if (d.m == 0 || d.n == 0) return out;
+  const GemmPath path = choose_gemm_path(d, a_q.device());
+  const at::Tensor a = aligned_16(a_q), w = aligned_16(w_q);
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  cuda::GemmParams p;
+  p.a = a.const_data_ptr<uint8_t>();
+  p.a_scale = a_s.const_data_ptr<float>();
+  p.w = w.const_data_ptr<uint8_t>();
+  p.w_scale = w_s.const_data_ptr<float>();
+  p.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
+  p.bias_kind = bias_c.defined() ? float_kind(bias_c.scalar_type()) : cuda::FloatKind::kF32;
+  p.out = out.mutable_data_ptr();
+  p.out_kind = float_kind(d.out_dtype);
+  p.m = static_cast<int>(d.m);
+  p.n = static_cast<int>(d.n);
+  p.kp = static_cast<int>(d.kp);
+  p.groups = static_cast<int>(d.groups);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (path) {
+    case GemmPath::kDecode: C10_CUDA_CHECK(cuda::launch_gemm_decode(p, stream)); break;
+    case GemmPath::kSm90: C10_CUDA_CHECK(cuda::launch_gemm_tiled_int8(p, stream)); break;
+    default: C10_CUDA_CHECK(cuda::launch_gemm_tiled_int4(p, stream));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(apex4, CUDA, m) {
+  m.impl("quantize_act", &quantize_cuda);
+  m.impl("quantize_weight", &quantize_cuda);
+  m.impl("pack_int4", &pack_int4_cuda);
+  m.impl("unpack_int4", &unpack_int4_cuda);
+  m.impl("w4a4_gemm", &w4a4_gemm_cuda);
+}
+
+}  // namespace apex4

@@ -1,0 +1,314 @@
+// Standalone test of the CUDA kernels, without torch: drives the launchers of
+// launch.h and checks them against a host reference written from int4.h and
+// docs/design.md. Built by csrc/cuda/compile_check.sh (build/cuda_kernel_test);
+// run it on a GPU (benchmarks/gpu_check.sh does). Exit status 0 iff all pass.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "apex4/int4.h"
+#include "cuda/launch.h"
+
+using apex4::cuda::FloatKind;
+using apex4::cuda::GemmParams;
+
+namespace {
+
+int g_passed = 0, g_failed = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAILED: %s\n", what.c_str());
+  }
+}
+
+#define CUDA_OK(expr)                                                              \
+  do {                                                                             \
+    const cudaError_t err_ = (expr);                                               \
+    if (err_ != cudaSuccess) {                                                     \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(err_), __FILE__, \
+                  __LINE__);                                                       \
+      std::exit(2);                                                                \
+    }                                                                              \
+  } while (0)
+
+template <typename T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  size_t count = 0;
+  explicit DeviceBuffer(size_t n) : count(n) {
+    CUDA_OK(cudaMalloc(&ptr, n * sizeof(T) + 16));
+    CUDA_OK(cudaMemset(ptr, 0xFF, n * sizeof(T) + 16));  // poison: NaN / -1 bytes
+  }
+  explicit DeviceBuffer(const std::vector<T>& v) : DeviceBuffer(v.size()) {
+    CUDA_OK(cudaMemcpy(ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  std::vector<T> host() const {
+    std::vector<T> v(count);
+    CUDA_OK(cudaMemcpy(v.data(), ptr, count * sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+  }
+};
+
+bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
+
+// ---- quantize ---------------------------------------------------------------
+
+// The design's quantizer on float values already converted from the input type.
+void quantize_host(const std::vector<float>& x, int64_t rows, int64_t k, int64_t group,
+                   float clip, std::vector<uint8_t>& packed, std::vector<float>& scales) {
+  const int64_t kp = apex4::padded_k(k, group), groups = apex4::num_groups(k, group);
+  const int64_t len = kp / groups;
+  packed.assign(rows * kp / 2, 0);
+  scales.assign(rows * groups, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      float amax = 0.0f;
+      bool finite = true;
+      std::vector<float> v(len, 0.0f);
+      for (int64_t i = 0; i < len; ++i) {
+        const int64_t e = g * len + i;
+        if (e < k) v[i] = x[r * k + e];
+        finite = finite && std::isfinite(v[i]);
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      const float scale = apex4::group_scale(finite ? amax : NAN, clip);
+      scales[r * groups + g] = scale;
+      for (int64_t i = 0; i < len; i += 2) {
+        packed[r * kp / 2 + (g * len + i) / 2] = apex4::pack_pair(
+            apex4::quantize_value(v[i], scale), apex4::quantize_value(v[i + 1], scale));
+      }
+    }
+  }
+}
+
+template <typename T>
+T from_float_host(float v);
+template <>
+float from_float_host<float>(float v) { return v; }
+template <>
+__half from_float_host<__half>(float v) { return __float2half_rn(v); }
+template <>
+__nv_bfloat16 from_float_host<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+float to_float_host(float v) { return v; }
+float to_float_host(__half v) { return __half2float(v); }
+float to_float_host(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+void test_quantize(FloatKind kind, const char* type_name, int64_t rows, int64_t k, int64_t group,
+                   std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<T> x(rows * k);
+  std::vector<float> xf(rows * k);
+  for (size_t i = 0; i < x.size(); ++i) {
+    x[i] = from_float_host<T>(normal(rng));
+    xf[i] = to_float_host(x[i]);
+  }
+  if (rows > 2) {  // a NaN in row 1, an Inf in row 2: NaN scales for their groups
+    x[1 * k + k / 2] = from_float_host<T>(NAN);
+    x[2 * k] = from_float_host<T>(INFINITY);
+    xf[1 * k + k / 2] = NAN;
+    xf[2 * k] = INFINITY;
+  }
+  const int64_t kp = apex4::padded_k(k, group), groups = apex4::num_groups(k, group);
+  std::vector<uint8_t> packed_ref;
+  std::vector<float> scales_ref;
+  const float clip = 0.9f;
+  quantize_host(xf, rows, k, group, clip, packed_ref, scales_ref);
+
+  DeviceBuffer<T> dx(x);
+  DeviceBuffer<uint8_t> dpacked(rows * kp / 2);
+  DeviceBuffer<float> dscales(rows * groups);
+  CUDA_OK(apex4::cuda::launch_quantize(dx.ptr, kind, rows, k, kp, kp / groups, clip, dpacked.ptr,
+                                       dscales.ptr, nullptr));
+  CUDA_OK(cudaGetLastError());
+  const auto packed = dpacked.host();
+  const auto scales = dscales.host();
+  bool scales_ok = true;
+  for (size_t i = 0; i < scales.size(); ++i) scales_ok = scales_ok && same_bits(scales[i], scales_ref[i]);
+  const std::string what = std::string("quantize ") + type_name + " rows=" + std::to_string(rows) +
+                           " k=" + std::to_string(k) + " group=" + std::to_string(group);
+  expect(scales_ok, what + ": scales bit-identical");
+  expect(packed == packed_ref, what + ": packed bytes identical");
+}
+
+// ---- pack / unpack ----------------------------------------------------------
+
+void test_pack_unpack(std::mt19937& rng) {
+  const int64_t n_bytes = 100003;
+  std::uniform_int_distribution<int> value(-8, 7);
+  std::vector<int8_t> values(2 * n_bytes);
+  for (auto& v : values) v = static_cast<int8_t>(value(rng));
+  DeviceBuffer<int8_t> dvalues(values);
+  DeviceBuffer<uint8_t> dpacked(n_bytes);
+  DeviceBuffer<int8_t> dround(2 * n_bytes);
+  CUDA_OK(apex4::cuda::launch_pack_int4(dvalues.ptr, n_bytes, dpacked.ptr, nullptr));
+  CUDA_OK(apex4::cuda::launch_unpack_int4(dpacked.ptr, n_bytes, dround.ptr, nullptr));
+  CUDA_OK(cudaGetLastError());
+  const auto packed = dpacked.host();
+  bool layout_ok = true;
+  for (int64_t j = 0; j < n_bytes; ++j) {
+    layout_ok = layout_ok && packed[j] == apex4::pack_pair(values[2 * j], values[2 * j + 1]);
+  }
+  expect(layout_ok, "pack_int4 layout");
+  expect(dround.host() == values, "unpack_int4(pack_int4(v)) == v");
+}
+
+// ---- GEMM -------------------------------------------------------------------
+
+struct GemmCase {
+  int m, n, kp, groups;
+};
+
+using Launcher = cudaError_t (*)(const GemmParams&, cudaStream_t);
+
+std::vector<int8_t> unpack_host(const std::vector<uint8_t>& packed) {
+  std::vector<int8_t> values(2 * packed.size());
+  for (size_t j = 0; j < packed.size(); ++j) {
+    values[2 * j] = static_cast<int8_t>(apex4::unpack_lo(packed[j]));
+    values[2 * j + 1] = static_cast<int8_t>(apex4::unpack_hi(packed[j]));
+  }
+  return values;
+}
+
+// Exact int32 partials P[m][n][g] of packed operands.
+std::vector<int32_t> partials_host(const std::vector<uint8_t>& a_packed,
+                                   const std::vector<uint8_t>& w_packed, const GemmCase& c) {
+  const std::vector<int8_t> a = unpack_host(a_packed), w = unpack_host(w_packed);
+  const int len = c.kp / c.groups;
+  std::vector<int32_t> p(static_cast<size_t>(c.m) * c.n * c.groups, 0);
+  for (int m = 0; m < c.m; ++m) {
+    for (int n = 0; n < c.n; ++n) {
+      const int8_t* ar = a.data() + static_cast<size_t>(m) * c.kp;
+      const int8_t* wr = w.data() + static_cast<size_t>(n) * c.kp;
+      for (int g = 0; g < c.groups; ++g) {
+        int32_t sum = 0;
+        for (int k = g * len; k < (g + 1) * len; ++k) sum += ar[k] * wr[k];
+        p[(static_cast<size_t>(m) * c.n + n) * c.groups + g] = sum;
+      }
+    }
+  }
+  return p;
+}
+
+void test_gemm(const char* path, Launcher launch, const GemmCase& c, std::mt19937& rng) {
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> scale(0.01f, 0.1f);
+  std::vector<uint8_t> a(static_cast<size_t>(c.m) * c.kp / 2), w(static_cast<size_t>(c.n) * c.kp / 2);
+  for (auto& b : a) b = static_cast<uint8_t>(byte(rng));  // every nibble, -8 included
+  for (auto& b : w) b = static_cast<uint8_t>(byte(rng));
+  std::vector<float> sa(static_cast<size_t>(c.m) * c.groups), sw(static_cast<size_t>(c.n) * c.groups);
+  for (auto& s : sa) s = scale(rng);
+  for (auto& s : sw) s = scale(rng);
+  std::vector<__half> bias(c.n);
+  for (auto& b : bias) b = __float2half_rn(scale(rng) * 10.0f);
+  const auto partials = partials_host(a, w, c);
+
+  DeviceBuffer<uint8_t> da(a), dw(w);
+  DeviceBuffer<float> dsa(sa), dsw(sw);
+  DeviceBuffer<__half> dbias(bias);
+  const std::vector<float> ones_a(sa.size(), 1.0f), ones_w(sw.size(), 1.0f);
+  DeviceBuffer<float> dones_a(ones_a), dones_w(ones_w);
+  const std::string what = std::string(path) + " m=" + std::to_string(c.m) + " n=" +
+                           std::to_string(c.n) + " kp=" + std::to_string(c.kp) +
+                           " groups=" + std::to_string(c.groups);
+
+  // Unit scales, fp32 out: the output is sum_g P_g, exact in fp32 here.
+  {
+    DeviceBuffer<float> out(static_cast<size_t>(c.m) * c.n);
+    const GemmParams p{da.ptr, dones_a.ptr, dw.ptr, dones_w.ptr, nullptr, FloatKind::kF32,
+                       out.ptr, FloatKind::kF32, c.m, c.n, c.kp, c.groups};
+    CUDA_OK(launch(p, nullptr));
+    CUDA_OK(cudaGetLastError());
+    const auto got = out.host();
+    bool exact = true;
+    for (int i = 0; i < c.m * c.n; ++i) {
+      int64_t sum = 0;
+      for (int g = 0; g < c.groups; ++g) sum += partials[static_cast<size_t>(i) * c.groups + g];
+      exact = exact && got[i] == static_cast<float>(sum);
+    }
+    expect(exact, what + ": unit scales give the exact integer sums");
+  }
+  // Real scales, fp16 bias, every output type, against a float64 reference.
+  for (FloatKind kind : {FloatKind::kF32, FloatKind::kF16, FloatKind::kBF16}) {
+    const size_t count = static_cast<size_t>(c.m) * c.n;
+    DeviceBuffer<float> out(count);  // big enough for any output type
+    const GemmParams p{da.ptr, dsa.ptr, dw.ptr, dsw.ptr, dbias.ptr, FloatKind::kF16,
+                       out.ptr, kind, c.m, c.n, c.kp, c.groups};
+    CUDA_OK(launch(p, nullptr));
+    CUDA_OK(cudaGetLastError());
+    const auto raw = out.host();
+    const double out_eps = kind == FloatKind::kF32 ? 0x1p-24 : kind == FloatKind::kF16 ? 0x1p-11 : 0x1p-8;
+    bool close = true;
+    for (size_t i = 0; i < count && close; ++i) {
+      const int m = static_cast<int>(i / c.n), n = static_cast<int>(i % c.n);
+      double ref = __half2float(bias[n]), magnitude = std::fabs(ref);
+      for (int g = 0; g < c.groups; ++g) {
+        const double term = static_cast<double>(partials[i * c.groups + g]) *
+                            sa[static_cast<size_t>(m) * c.groups + g] * sw[static_cast<size_t>(n) * c.groups + g];
+        ref += term;
+        magnitude += std::fabs(term);
+      }
+      float got;
+      if (kind == FloatKind::kF32) {
+        got = raw[i];
+      } else {
+        uint16_t bits;
+        std::memcpy(&bits, reinterpret_cast<const uint16_t*>(raw.data()) + i, 2);
+        got = kind == FloatKind::kF16 ? __half2float(__ushort_as_half(bits))
+                                      : __bfloat162float(__ushort_as_bfloat16(bits));
+      }
+      const double bound = magnitude * (c.groups + 2) * 2 * 0x1p-24 + std::fabs(ref) * out_eps + 1e-30;
+      close = std::isfinite(got) && std::fabs(got - ref) <= bound;
+      if (!close) std::printf("  [%d, %d]: got %.9g, want %.9g (bound %.3g)\n", m, n, got, ref, bound);
+    }
+    expect(close, what + " out kind " + std::to_string(static_cast<int>(kind)) + ": matches float64 reference");
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(1234);
+  for (int64_t group : {0, 64, 128, 256}) {
+    for (int64_t k : {64, 576, 1000, 4096}) {
+      test_quantize<float>(FloatKind::kF32, "f32", 5, k, group, rng);
+      test_quantize<__half>(FloatKind::kF16, "f16", 5, k, group, rng);
+      test_quantize<__nv_bfloat16>(FloatKind::kBF16, "bf16", 5, k, group, rng);
+    }
+  }
+  // Rows longer than the register cache (8 * 8 * 256 values) re-read their tail.
+  test_quantize<__half>(FloatKind::kF16, "f16", 3, 28672, 0, rng);
+  test_quantize<float>(FloatKind::kF32, "f32", 3, 20001, 128, rng);
+  test_pack_unpack(rng);
+
+  // The last two have enough 128x256 tiles (with M, N and K tails) for the
+  // tiled kernels' wide per-channel tile on a 132-SM GPU.
+  const GemmCase cases[] = {{1, 192, 576, 1},    {1, 200, 576, 9},    {7, 1000, 1024, 8},
+                            {16, 264, 640, 5},   {17, 130, 4096, 1},  {33, 256, 2048, 16},
+                            {130, 264, 640, 10}, {200, 520, 1536, 1}, {129, 257, 1088, 17},
+                            {64, 96, 8192, 32},  {4200, 1100, 64, 1}, {4224, 1056, 192, 1}};
+  const struct {
+    const char* name;
+    Launcher launch;
+  } paths[] = {{"tiled_int4 (sm80)", apex4::cuda::launch_gemm_tiled_int4},
+               {"tiled_int8 (sm90)", apex4::cuda::launch_gemm_tiled_int8},
+               {"decode", apex4::cuda::launch_gemm_decode}};
+  for (const auto& path : paths) {
+    for (const GemmCase& c : cases) test_gemm(path.name, path.launch, c, rng);
+  }
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
