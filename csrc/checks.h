@@ -64,6 +64,21 @@ inline std::tuple<at::Tensor, at::Tensor> alloc_quantized(const at::Tensor& x,
           at::empty(scale_shape, x.options().dtype(at::kFloat))};
 }
 
+// An online rotation of n values is x @ kron(F, H_p / sqrt(p)) with F an
+// m x m float32 factor and p = n / m a power of two. Returns m.
+inline int64_t check_rotation(const at::Tensor& x, const at::Tensor& factor) {
+  check_same_device(x, factor, "the rotation factor");
+  TORCH_CHECK_TYPE(factor.scalar_type() == at::kFloat,
+                   "apex4: the rotation factor must be float32, got ", factor.scalar_type());
+  TORCH_CHECK_VALUE(factor.dim() == 2 && factor.size(0) == factor.size(1) && factor.size(0) > 0,
+                    "apex4: the rotation factor must be a square matrix, got ", factor.sizes());
+  const int64_t n = x.size(-1), m = factor.size(0);
+  TORCH_CHECK_VALUE(n % m == 0 && ((n / m) & (n / m - 1)) == 0, "apex4: a rotation of ", n,
+                    " values needs n / m to be a power of two, with m = ", m,
+                    " the factor's size");
+  return m;
+}
+
 inline void check_packed(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kByte, "apex4: ", name,
                    " must be packed INT4 (uint8), got ", t.scalar_type());

@@ -9,14 +9,14 @@
 
 namespace apex4 {
 
-// Quantize the activations at the weight's granularity, then multiply. The
-// weight's scales fix the group count, hence the activation group size.
-at::Tensor w4a4_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_s,
-                       const std::optional<at::Tensor>& bias, double act_clip) {
+// The activation group size that matches a quantized weight: its scales fix
+// the group count, hence the group size (None for one group, per channel).
+std::optional<int64_t> weight_group_size(const at::Tensor& x, const at::Tensor& w_q,
+                                         const at::Tensor& w_s) {
   TORCH_CHECK_VALUE(w_q.dim() == 2 && w_s.dim() == 2 && w_s.size(0) == w_q.size(0),
-                    "apex4: w4a4_linear expects w_q [N, Kp/2] and w_s [N, G], got ", w_q.sizes(),
-                    " and ", w_s.sizes());
-  TORCH_CHECK_VALUE(x.dim() >= 1, "apex4: w4a4_linear expects x with a K dimension");
+                    "apex4: a quantized linear expects w_q [N, Kp/2] and w_s [N, G], got ",
+                    w_q.sizes(), " and ", w_s.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "apex4: a quantized linear expects x with a K dimension");
   const int64_t kp = w_q.size(1) * 2;
   const int64_t groups = w_s.size(1);
   TORCH_CHECK_VALUE(groups > 0 && kp % groups == 0, "apex4: w_s has ", groups,
@@ -25,13 +25,39 @@ at::Tensor w4a4_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
       groups == 1 ? std::nullopt : std::optional<int64_t>(kp / groups);
   TORCH_CHECK_VALUE(padded_k(x.size(-1), group_size.value_or(0)) == kp, "apex4: x has K = ",
                     x.size(-1), ", which does not pad to the weight's K = ", kp);
+  return group_size;
+}
+
+at::Tensor gemm_like_x(const at::Tensor& x, const at::Tensor& a_q, const at::Tensor& a_s,
+                       const at::Tensor& w_q, const at::Tensor& w_s,
+                       const std::optional<at::Tensor>& bias) {
+  static auto gemm =
+      c10::Dispatcher::singleton().findSchemaOrThrow("apex4::w4a4_gemm", "").typed<GemmFn>();
+  return gemm.call(a_q, a_s, w_q, w_s, bias, x.scalar_type());
+}
+
+// Quantize the activations at the weight's granularity, then multiply.
+at::Tensor w4a4_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_s,
+                       const std::optional<at::Tensor>& bias, double act_clip) {
+  const auto group_size = weight_group_size(x, w_q, w_s);
   static auto quantize = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("apex4::quantize_act", "")
                              .typed<QuantizeFn>();
-  static auto gemm =
-      c10::Dispatcher::singleton().findSchemaOrThrow("apex4::w4a4_gemm", "").typed<GemmFn>();
   auto [a_q, a_s] = quantize.call(x, group_size, act_clip);
-  return gemm.call(a_q, a_s, w_q, w_s, bias, x.scalar_type());
+  return gemm_like_x(x, a_q, a_s, w_q, w_s, bias);
+}
+
+// The same with an online rotation of the activations, fused into their
+// quantization (the weight was rotated offline to match).
+at::Tensor w4a4_rotated_linear(const at::Tensor& x, const at::Tensor& rotation,
+                               const at::Tensor& w_q, const at::Tensor& w_s,
+                               const std::optional<at::Tensor>& bias, double act_clip) {
+  const auto group_size = weight_group_size(x, w_q, w_s);
+  static auto quantize = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("apex4::hadamard_quantize_act", "")
+                             .typed<RotatedQuantizeFn>();
+  auto [a_q, a_s] = quantize.call(x, rotation, group_size, act_clip);
+  return gemm_like_x(x, a_q, a_s, w_q, w_s, bias);
 }
 
 TORCH_LIBRARY(apex4, m) {
@@ -45,9 +71,19 @@ TORCH_LIBRARY(apex4, m) {
   m.def(
       "w4a4_linear(Tensor x, Tensor w_q, Tensor w_s, Tensor? bias=None, float act_clip=1.0) "
       "-> Tensor");
+  m.def("hadamard(Tensor x, Tensor factor) -> Tensor");
+  m.def(
+      "hadamard_quantize_act(Tensor x, Tensor factor, int? group_size=None, "
+      "float clip_ratio=1.0) -> (Tensor, Tensor)");
+  m.def(
+      "w4a4_rotated_linear(Tensor x, Tensor rotation, Tensor w_q, Tensor w_s, Tensor? bias=None, "
+      "float act_clip=1.0) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(apex4, CompositeExplicitAutograd, m) { m.impl("w4a4_linear", &w4a4_linear); }
+TORCH_LIBRARY_IMPL(apex4, CompositeExplicitAutograd, m) {
+  m.impl("w4a4_linear", &w4a4_linear);
+  m.impl("w4a4_rotated_linear", &w4a4_rotated_linear);
+}
 
 }  // namespace apex4
 

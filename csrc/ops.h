@@ -14,6 +14,10 @@ namespace apex4 {
 using QuantizeFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& x,
                                                       std::optional<int64_t> group_size,
                                                       double clip_ratio);
+using RotatedQuantizeFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& x,
+                                                             const at::Tensor& factor,
+                                                             std::optional<int64_t> group_size,
+                                                             double clip_ratio);
 using GemmFn = at::Tensor(const at::Tensor& a_q, const at::Tensor& a_s, const at::Tensor& w_q,
                           const at::Tensor& w_s, const std::optional<at::Tensor>& bias,
                           std::optional<at::ScalarType> out_dtype);

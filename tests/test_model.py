@@ -131,3 +131,14 @@ def test_compiled_model_matches_eager_and_compiles_at_most_twice(tiny_llama):
             torch.testing.assert_close(out, eager, rtol=0, atol=2e-2 * eager.abs().max().item())
             assert (out - eager).abs().mean() < 1e-3 * eager.abs().mean()
     assert counter.frame_count <= 2
+
+
+def test_casting_the_model_keeps_scales_float32(tiny_llama):
+    apex4.quantize_(tiny_llama, apex4.W4A4Config(group_size=64))
+    scales = tiny_llama.model.layers[0].mlp.up_proj.w_s.clone()
+    tiny_llama.to(torch.bfloat16)
+    layer = tiny_llama.model.layers[0].mlp.up_proj
+    assert layer.w_s.dtype == torch.float32 and torch.equal(layer.w_s, scales)
+    with torch.inference_mode():
+        out = tiny_llama(torch.randint(0, 256, (1, 5))).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import torch_apex4  # noqa: F401  (registers the ops)
+from torch_apex4.hadamard import rotation_factor, rotation_matrix
 from reference import gemm_ref, quantize_ref
 
 ops = torch.ops.apex4
@@ -222,6 +223,48 @@ def test_bad_input(call, error, match):
         call()
 
 
+@pytest.mark.parametrize("n", [64, 192, 576, 1536, 172])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hadamard_matches_dense_rotation(n, dtype):
+    x = torch.randn(5, n).to(dtype)
+    out = ops.hadamard(x, rotation_factor(n))
+    ref = x.double() @ rotation_matrix(n)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("group_size", [None, 64, 128])
+def test_hadamard_quantize_act_is_rotate_then_quantize(group_size):
+    x = torch.randn(7, 576)
+    factor = rotation_factor(576)
+    fused = ops.hadamard_quantize_act(x, factor, group_size, 0.9)
+    separate = ops.quantize_act(ops.hadamard(x, factor), group_size, 0.9)
+    assert all(torch.equal(u, v) for u, v in zip(fused, separate))
+
+
+def test_rotated_linear_is_rotated_quantize_then_gemm():
+    x = torch.randn(2, 3, 1536, dtype=torch.bfloat16)
+    factor = rotation_factor(1536)
+    w_q, w_s = ops.quantize_weight(torch.randn(40, 1536), 128)
+    bias = torch.randn(40)
+    out = ops.w4a4_rotated_linear(x, factor, w_q, w_s, bias, 0.8)
+    a_q, a_s = ops.hadamard_quantize_act(x, factor, 128, 0.8)
+    assert torch.equal(out, ops.w4a4_gemm(a_q, a_s, w_q, w_s, bias, torch.bfloat16))
+
+
+@pytest.mark.parametrize("factor,error,match", [
+    (torch.ones(3, 4), ValueError, "square"),
+    (torch.eye(5), ValueError, "power of two"),
+    (torch.eye(4, dtype=torch.float64), TypeError, "float32"),
+])
+def test_hadamard_bad_factor(factor, error, match):
+    with pytest.raises(error, match=match):
+        ops.hadamard(torch.randn(2, 64), factor)
+    with pytest.raises(error, match=match):
+        ops.hadamard_quantize_act(torch.randn(2, 64), factor)
+
+
 def opcheck_cases():
     x = torch.randn(5, 576)
     w = torch.randn(24, 576)
@@ -234,6 +277,11 @@ def opcheck_cases():
         yield ops.w4a4_gemm.default, (a_q, a_s, w_q, w_s)
         yield ops.w4a4_gemm.default, (a_q[:1], a_s[:1], w_q, w_s, torch.randn(24), torch.float16)
         yield ops.w4a4_linear.default, (x.reshape(1, 5, 576), w_q, w_s, torch.randn(24), 0.9)
+    factor = rotation_factor(576)
+    w_q, w_s = ops.quantize_weight(w, 64)
+    yield ops.hadamard.default, (torch.randn(2, 3, 576), factor)
+    yield ops.hadamard_quantize_act.default, (x, factor, 64, 0.9)
+    yield ops.w4a4_rotated_linear.default, (x.reshape(1, 5, 576), factor, w_q, w_s, None, 0.9)
     yield ops.pack_int4.default, (torch.randint(-8, 8, (3, 10), dtype=torch.int8),)
     yield ops.unpack_int4.default, (torch.randint(0, 256, (4, 2, 6), dtype=torch.uint8),)
 

@@ -12,6 +12,12 @@ padded_k = _C.padded_k
 num_groups = _C.num_groups
 
 
+def _check_one_device(*tensors):
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"apex4: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
 def _quantized_fake(x, group_size=None, clip_ratio=1.0):
     k = x.shape[-1]
     packed = x.new_empty((*x.shape[:-1], padded_k(k, group_size) // 2), dtype=torch.uint8)
@@ -21,6 +27,18 @@ def _quantized_fake(x, group_size=None, clip_ratio=1.0):
 
 torch.library.register_fake("apex4::quantize_act")(_quantized_fake)
 torch.library.register_fake("apex4::quantize_weight")(_quantized_fake)
+
+
+@torch.library.register_fake("apex4::hadamard_quantize_act")
+def _(x, factor, group_size=None, clip_ratio=1.0):
+    _check_one_device(x, factor)
+    return _quantized_fake(x, group_size, clip_ratio)
+
+
+@torch.library.register_fake("apex4::hadamard")
+def _(x, factor):
+    _check_one_device(x, factor)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("apex4::pack_int4")
@@ -33,12 +51,6 @@ def _(packed):
     return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=torch.int8)
 
 
-def _check_one_device(*tensors):
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"apex4: all inputs must be on one device, got {sorted(map(str, devices))}")
-
-
 @torch.library.register_fake("apex4::w4a4_gemm")
 def _(a_q, a_s, w_q, w_s, bias=None, out_dtype=None):
     _check_one_device(a_q, a_s, w_q, w_s, bias)
@@ -49,4 +61,10 @@ def _(a_q, a_s, w_q, w_s, bias=None, out_dtype=None):
 @torch.library.register_fake("apex4::w4a4_linear")
 def _(x, w_q, w_s, bias=None, act_clip=1.0):
     _check_one_device(x, w_q, w_s, bias)
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+@torch.library.register_fake("apex4::w4a4_rotated_linear")
+def _(x, rotation, w_q, w_s, bias=None, act_clip=1.0):
+    _check_one_device(x, rotation, w_q, w_s, bias)
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .ops import ops
+from .rotation import RotatedInputLinear
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,11 @@ class W4A4Config:
 
 class W4A4Linear(nn.Module):
     """A linear layer with INT4 weights that quantizes its input to INT4 on the
-    fly. Buffers: w_q uint8 [out, Kp/2], w_s float32 [out, G], optional bias."""
+    fly. Buffers: w_q uint8 [out, Kp/2], w_s float32 [out, G], optional bias,
+    and optionally `rotation`, the factor of an online rotation of the input
+    (see rotation.py) fused into the activation quantization."""
 
-    def __init__(self, w_q, w_s, bias, in_features, act_clip=1.0):
+    def __init__(self, w_q, w_s, bias, in_features, act_clip=1.0, rotation=None):
         super().__init__()
         self.in_features = in_features
         self.out_features = w_q.shape[0]
@@ -44,12 +47,25 @@ class W4A4Linear(nn.Module):
         self.register_buffer("w_q", w_q)
         self.register_buffer("w_s", w_s)
         self.register_buffer("bias", bias)
+        self.register_buffer("rotation", rotation)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: W4A4Config) -> "W4A4Linear":
         w_q, w_s = ops.quantize_weight(linear.weight.detach(), config.group_size, config.weight_clip)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(w_q, w_s, bias, linear.in_features, config.act_clip)
+        rotation = linear.rotation if isinstance(linear, RotatedInputLinear) else None
+        return cls(w_q, w_s, bias, linear.in_features, config.act_clip, rotation)
+
+    # The scales and the rotation factor are float32 by contract (the kernels'
+    # arithmetic); model.half() / .to(dtype) must not round them, only move them.
+    _FLOAT32_BUFFERS = ("w_s", "rotation")
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: self._buffers[n] for n in self._FLOAT32_BUFFERS if self._buffers[n] is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            self._buffers[name] = before.to(self._buffers[name].device)
+        return self
 
     @property
     def group_size(self) -> Optional[int]:
@@ -57,12 +73,16 @@ class W4A4Linear(nn.Module):
         return None if groups == 1 else self.w_q.shape[1] * 2 // groups
 
     def forward(self, x):
-        return ops.w4a4_linear(x, self.w_q, self.w_s, self.bias, self.act_clip)
+        if self.rotation is None:
+            return ops.w4a4_linear(x, self.w_q, self.w_s, self.bias, self.act_clip)
+        return ops.w4a4_rotated_linear(x, self.rotation, self.w_q, self.w_s, self.bias,
+                                       self.act_clip)
 
     def extra_repr(self):
         granularity = "per-channel" if self.group_size is None else f"g{self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"{granularity}, act_clip={self.act_clip}, bias={self.bias is not None}")
+                f"{granularity}, act_clip={self.act_clip}, bias={self.bias is not None}, "
+                f"online_rotation={self.rotation is not None}")
 
 
 def _output_embeddings(model: nn.Module):

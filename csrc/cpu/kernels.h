@@ -14,34 +14,85 @@
 
 namespace apex4::cpu {
 
-// Quantize rows [row_begin, row_end) of x [rows, k] into packed [rows, kp/2]
-// and scales [rows, groups]. T is any type with a conversion to float.
-template <typename T>
-void quantize_rows(const T* x, int64_t row_begin, int64_t row_end, int64_t k, int64_t kp,
-                   int64_t group_len, float clip_ratio, uint8_t* packed, float* scales) {
-  const int64_t groups = kp / group_len;
-  std::vector<float> buf(group_len);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const T* xr = x + r * k;
-    uint8_t* pr = packed + r * (kp / 2);
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k0 = g * group_len;
-      const int64_t valid = std::clamp<int64_t>(k - k0, 0, group_len);
-      float amax = 0.0f;
-      float poison = 0.0f;  // becomes NaN iff the group holds NaN or Inf
-      for (int64_t i = 0; i < valid; ++i) {
-        const float v = static_cast<float>(xr[k0 + i]);
-        buf[i] = v;
-        amax = std::max(amax, std::fabs(v));
-        poison += v * 0.0f;
-      }
-      std::fill(buf.begin() + valid, buf.end(), 0.0f);
-      const float scale = group_scale(std::isnan(poison) ? NAN : amax, clip_ratio);
-      scales[r * groups + g] = scale;
-      for (int64_t i = 0; i < group_len; i += 2) {
-        pr[(k0 + i) / 2] = pack_pair(quantize_value(buf[i], scale), quantize_value(buf[i + 1], scale));
+// Quantizes one row of k floats (zero-padded to kp) into kp/2 packed bytes and
+// kp/group_len scales.
+inline void quantize_row(const float* x, int64_t k, int64_t kp, int64_t group_len,
+                         float clip_ratio, uint8_t* packed, float* scales) {
+  for (int64_t k0 = 0; k0 < kp; k0 += group_len) {
+    const int64_t valid = std::clamp<int64_t>(k - k0, 0, group_len);
+    float amax = 0.0f;
+    float poison = 0.0f;  // becomes NaN iff the group holds NaN or Inf
+    for (int64_t i = 0; i < valid; ++i) {
+      amax = std::max(amax, std::fabs(x[k0 + i]));
+      poison += x[k0 + i] * 0.0f;
+    }
+    const float scale = group_scale(std::isnan(poison) ? NAN : amax, clip_ratio);
+    scales[k0 / group_len] = scale;
+    for (int64_t i = 0; i < group_len; i += 2) {
+      const float lo = i < valid ? x[k0 + i] : 0.0f;
+      const float hi = i + 1 < valid ? x[k0 + i + 1] : 0.0f;
+      packed[(k0 + i) / 2] = pack_pair(quantize_value(lo, scale), quantize_value(hi, scale));
+    }
+  }
+}
+
+// In-place orthonormal online rotation of one row of n = m * p values:
+// x <- x @ kron(F, H_p / sqrt(p)), F an orthonormal m x m factor (row-major),
+// H_p the Sylvester Hadamard matrix (p a power of two). A fast Walsh-Hadamard
+// transform inside each length-p block, then F mixes the m blocks. tmp holds n.
+inline void rotate_row(float* x, int64_t n, const float* factor, int64_t m, float* tmp) {
+  const int64_t p = n / m;
+  const float norm = 1.0f / std::sqrt(static_cast<float>(p));
+  for (int64_t a = 0; a < m; ++a) {
+    float* block = x + a * p;
+    for (int64_t h = 1; h < p; h *= 2) {
+      for (int64_t i = 0; i < p; i += 2 * h) {
+        for (int64_t j = i; j < i + h; ++j) {
+          const float u = block[j], v = block[j + h];
+          block[j] = u + v;
+          block[j + h] = u - v;
+        }
       }
     }
+  }
+  if (m == 1) {
+    for (int64_t i = 0; i < n; ++i) x[i] *= norm;
+    return;
+  }
+  std::fill(tmp, tmp + n, 0.0f);
+  for (int64_t src = 0; src < m; ++src) {
+    for (int64_t dst = 0; dst < m; ++dst) {
+      const float f = factor[src * m + dst] * norm;
+      for (int64_t b = 0; b < p; ++b) tmp[dst * p + b] += f * x[src * p + b];
+    }
+  }
+  std::copy(tmp, tmp + n, x);
+}
+
+// Rows [row_begin, row_end) of x [rows, k] (T converts to float): optionally
+// rotated (factor != nullptr, m x m), then quantized.
+template <typename T>
+void quantize_rows(const T* x, int64_t row_begin, int64_t row_end, int64_t k, int64_t kp,
+                   int64_t group_len, float clip_ratio, const float* factor, int64_t m,
+                   uint8_t* packed, float* scales) {
+  std::vector<float> row(k), tmp(factor ? k : 0);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(x[r * k + i]);
+    if (factor) rotate_row(row.data(), k, factor, m, tmp.data());
+    quantize_row(row.data(), k, kp, group_len, clip_ratio, packed + r * (kp / 2),
+                 scales + r * (kp / group_len));
+  }
+}
+
+// Rows [row_begin, row_end) of x [rows, n] rotated into y (same layout).
+template <typename T>
+void rotate_rows(const T* x, int64_t row_begin, int64_t row_end, int64_t n, const float* factor,
+                 int64_t m, T* y) {
+  std::vector<float> row(n), tmp(n);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    for (int64_t i = 0; i < n; ++i) row[i] = static_cast<float>(x[r * n + i]);
+    rotate_row(row.data(), n, factor, m, tmp.data());
+    for (int64_t i = 0; i < n; ++i) y[r * n + i] = static_cast<T>(row[i]);
   }
 }
 

@@ -9,24 +9,61 @@
 namespace apex4 {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x,
-                                                std::optional<int64_t> group_size,
-                                                double clip_ratio) {
+// Rotation (factor defined) and quantization in one pass over each row.
+std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& x,
+                                                     std::optional<int64_t> group_size,
+                                                     double clip_ratio, const at::Tensor& factor) {
   const QuantizeDims d = check_quantize_args(x, group_size, clip_ratio);
+  const int64_t m = factor.defined() ? check_rotation(x, factor) : 0;
   auto [packed, scales] = alloc_quantized(x, d);
   const at::Tensor xc = x.contiguous();
+  const at::Tensor fc = factor.defined() ? factor.contiguous() : factor;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "quantize_cpu", [&] {
     const scalar_t* src = xc.const_data_ptr<scalar_t>();
     uint8_t* dst = packed.mutable_data_ptr<uint8_t>();
     float* sc = scales.mutable_data_ptr<float>();
+    const float* f = fc.defined() ? fc.const_data_ptr<float>() : nullptr;
     // Enough rows per task that a thread's work dwarfs the dispatch cost.
     const int64_t grain = std::max<int64_t>(1, 16384 / d.kp);
     at::parallel_for(0, d.rows, grain, [&](int64_t begin, int64_t end) {
       cpu::quantize_rows(src, begin, end, d.k, d.kp, d.group_len, static_cast<float>(clip_ratio),
-                         dst, sc);
+                         f, m, dst, sc);
     });
   });
   return {packed, scales};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x,
+                                                std::optional<int64_t> group_size,
+                                                double clip_ratio) {
+  return quantize_rows_cpu(x, group_size, clip_ratio, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor> hadamard_quantize_act_cpu(const at::Tensor& x,
+                                                             const at::Tensor& factor,
+                                                             std::optional<int64_t> group_size,
+                                                             double clip_ratio) {
+  return quantize_rows_cpu(x, group_size, clip_ratio, factor);
+}
+
+at::Tensor hadamard_cpu(const at::Tensor& x, const at::Tensor& factor) {
+  TORCH_CHECK_TYPE(is_float_act(x.scalar_type()),
+                   "apex4: hadamard expects a float16, bfloat16 or float32 tensor, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "apex4: hadamard expects a last dimension");
+  const int64_t m = check_rotation(x, factor);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor fc = factor.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t n = xc.size(-1), rows = xc.numel() / n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "hadamard_cpu", [&] {
+    const scalar_t* src = xc.const_data_ptr<scalar_t>();
+    scalar_t* dst = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
+      cpu::rotate_rows(src, begin, end, n, fc.const_data_ptr<float>(), m, dst);
+    });
+  });
+  return y;
 }
 
 at::Tensor pack_int4_cpu(const at::Tensor& values) {
@@ -86,6 +123,8 @@ TORCH_LIBRARY_IMPL(apex4, CPU, m) {
   m.impl("pack_int4", &pack_int4_cpu);
   m.impl("unpack_int4", &unpack_int4_cpu);
   m.impl("w4a4_gemm", &w4a4_gemm_cpu);
+  m.impl("hadamard", &hadamard_cpu);
+  m.impl("hadamard_quantize_act", &hadamard_quantize_act_cpu);
 }
 
 }  // namespace apex4

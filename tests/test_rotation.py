@@ -1,0 +1,145 @@
+"""rotate_: the rotated float model computes the same function; the rotated
+quantized model runs the fused online rotation and compiles."""
+import copy
+
+import pytest
+import torch
+
+import torch_apex4 as apex4
+from torch_apex4.backend import W4A4_ROTATED_LINEAR, rewrite_quantized_linears
+from torch_apex4.rotation import RotatedInputLinear, rotate_
+
+
+def llama(tie=False, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=256, hidden_size=192, intermediate_size=320, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=tie)
+    config.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    # Non-trivial norm scales, so that folding them is exercised.
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data = 1 + 0.3 * torch.randn_like(p)
+    return model
+
+
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=256, hidden_size=192, intermediate_size=320,
+                         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=256, hidden_size=192, intermediate_size=320,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=48, sliding_window=16)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def logits(model, ids):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("mode,online_per_layer", [("residual", 2), ("online", 7)])
+@pytest.mark.parametrize("build", [llama, lambda: llama(tie=True), qwen2],
+                         ids=["llama", "llama-tied", "qwen2"])
+def test_rotation_preserves_the_float_model(build, mode, online_per_layer):
+    model = build()
+    ids = torch.randint(0, 256, (2, 24))
+    before = logits(model, ids)
+    info = rotate_(model, mode)
+    assert info["mode"] == mode
+    assert len(info["online_layers"]) == online_per_layer * 2
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_rotation_mode():
+    with pytest.raises(ValueError, match="mode"):
+        rotate_(llama(), "sideways")
+
+
+def test_unknown_architecture_falls_back_to_online_rotation():
+    model = gemma3()
+    ids = torch.randint(0, 256, (1, 20))
+    before = logits(model, ids)
+    with pytest.warns(UserWarning, match="online"):
+        info = rotate_(model)
+    assert info["mode"] == "online"
+    assert len(info["online_layers"]) == 7 * 2
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)
+    apex4.quantize_(model, apex4.W4A4Config(group_size=64))
+    assert all(m.rotation is not None for m in model.modules() if isinstance(m, apex4.W4A4Linear))
+    assert torch.isfinite(logits(model, ids)).all()
+
+
+def test_rotating_twice_is_refused():
+    model = llama()
+    rotate_(model)
+    with pytest.raises(ValueError, match="already rotated"):
+        rotate_(model)
+
+
+def test_rotation_makes_w4a4_more_accurate_on_outliers():
+    # Outlier channels in the residual stream are what the rotation spreads out.
+    model = llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, :4] *= 30
+    ids = torch.randint(0, 256, (2, 32))
+    ref = logits(model, ids)
+    plain, rotated = copy.deepcopy(model), copy.deepcopy(model)
+    rotate_(rotated)
+    config = apex4.W4A4Config(group_size=None)
+    apex4.quantize_(plain, config)
+    apex4.quantize_(rotated, config)
+    err = lambda m: ((logits(m, ids) - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(rotated) < 0.7 * err(plain)
+
+
+def test_rotated_quantized_layers_fuse_the_rotation():
+    model = llama()
+    rotate_(model)
+    assert isinstance(model.model.layers[0].mlp.down_proj, RotatedInputLinear)
+    apex4.quantize_(model, apex4.W4A4Config(group_size=64))
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, apex4.W4A4Linear) and down.rotation is not None
+    assert model.model.layers[0].mlp.up_proj.rotation is None
+    x = torch.randn(3, 320)
+    a_q, a_s = apex4.ops.hadamard_quantize_act(x, down.rotation, 64, 1.0)
+    assert torch.equal(down(x), apex4.ops.w4a4_gemm(a_q, a_s, down.w_q, down.w_s, None, x.dtype))
+
+
+def test_backend_rewrites_rotated_linears_and_matches_eager():
+    model = llama()
+    rotate_(model)
+    apex4.quantize_(model, apex4.W4A4Config(group_size=64))
+    ids = torch.randint(0, 256, (1, 9))
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.compile(model, backend=capture, fullgraph=True)(ids)
+        gm, inputs = graphs[0]
+        targets = [n.target for n in gm.graph.nodes]
+        assert sum(t in W4A4_ROTATED_LINEAR for t in targets) == 4
+        before = gm(*inputs)[0]
+        assert rewrite_quantized_linears(gm) == 14
+        targets = [n.target for n in gm.graph.nodes]
+        assert targets.count(torch.ops.apex4.hadamard_quantize_act.default) == 4
+        assert torch.equal(gm(*inputs)[0], before)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="apex4", fullgraph=True)
+    eager, out = logits(model, ids), logits(compiled, ids)
+    assert (out - eager).abs().mean() < 1e-3 * eager.abs().mean()
