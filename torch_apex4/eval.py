@@ -1,0 +1,103 @@
+"""Perplexity of a causal LM under several W4A4 recipes, on the real apex4 ops.
+
+    python -m torch_apex4.eval [--model PATH_OR_GGUF] [--text FILE] [--tokens 16384]
+        [--calibration FILE] [--recipes fp32 rtn-g128 apex4-g128 ...] [--json out.json]
+
+Each recipe starts from a fresh copy of the float model; calibration text must
+differ from the evaluation text (defaults: Pride and Prejudice / Emma).
+Prints a table (perplexity, ratio to the float model, linear-weight memory,
+time) and writes JSON.
+"""
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+from .models import load_model
+from .perplexity import perplexity, tokenize_text
+from .quantize import linear_weight_bytes
+from .recipes import BASELINES, RECIPES
+
+DATA = Path(__file__).parent / "data"
+ALL = ["fp32", *RECIPES, *BASELINES]
+
+
+def calibration_batch(tokenizer, path, sequences, length):
+    ids = tokenize_text(tokenizer, Path(path).read_text(encoding="utf-8"), sequences * length)
+    usable = ids.shape[1] // length * length
+    if usable == 0:
+        raise ValueError(f"calibration text {path} has fewer than {length} tokens")
+    return ids[:, :usable].reshape(-1, length)
+
+
+def run(args):
+    base, tokenizer = load_model(args.model)
+    eval_ids = tokenize_text(tokenizer, Path(args.text).read_text(encoding="utf-8"), args.tokens)
+    calib = calibration_batch(tokenizer, args.calibration, args.calib_sequences, args.calib_length)
+    fp16_bytes = linear_weight_bytes(base) // base.dtype.itemsize * 2
+    rows = []
+    for name in args.recipes:
+        if name not in ALL:
+            raise ValueError(f"unknown recipe {name!r}; known: {', '.join(ALL)}")
+        model = base if name == "fp32" else copy.deepcopy(base)
+        start = time.perf_counter()
+        stats = {}
+        if name in RECIPES:
+            stats = RECIPES[name].apply(model, calib, progress=not args.quiet)
+        elif name in BASELINES:
+            BASELINES[name](model, calib)
+        prepare_s = time.perf_counter() - start
+        ppl, tokens_per_s = perplexity(model, eval_ids, args.window, progress=not args.quiet,
+                                       desc=name)
+        rows.append({"recipe": name, "perplexity": ppl,
+                     "description": RECIPES[name].description if name in RECIPES else
+                     ("float model" if name == "fp32" else "baseline"),
+                     "linear_weight_percent_of_fp16": 100 * linear_weight_bytes(model) / fp16_bytes,
+                     "prepare_s": prepare_s, "eval_tokens_per_s": tokens_per_s,
+                     "layers": stats})
+        print(f"{name}: perplexity {ppl:.2f} (prepared in {prepare_s:.0f} s)", flush=True)
+        if model is not base:
+            del model
+    reference = next((r["perplexity"] for r in rows if r["recipe"] == "fp32"), None)
+    for row in rows:
+        row["ratio_to_fp32"] = row["perplexity"] / reference if reference else None
+    return {"model": args.model or "SmolLM2-135M-Instruct (GGUF, default)", "text": str(args.text),
+            "tokens": eval_ids.shape[1], "window": args.window,
+            "calibration": f"{args.calibration}: {calib.shape[0]} x {calib.shape[1]} tokens",
+            "rows": rows}
+
+
+def print_table(result):
+    print(f"model: {result['model']}\ntext: {result['text']} ({result['tokens']} tokens, "
+          f"windows of {result['window']})\ncalibration: {result['calibration']}\n")
+    print(f"{'recipe':<14}{'ppl':>10}{'x fp32':>8}{'lin. mem':>10}{'prep s':>8}  description")
+    for r in result["rows"]:
+        ratio = f"{r['ratio_to_fp32']:.3f}" if r["ratio_to_fp32"] else "-"
+        print(f"{r['recipe']:<14}{r['perplexity']:>10.2f}{ratio:>8}"
+              f"{r['linear_weight_percent_of_fp16']:>9.1f}%{r['prepare_s']:>8.0f}  {r['description']}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m torch_apex4.eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M GGUF)")
+    parser.add_argument("--text", default=str(DATA / "emma.txt"))
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--calibration", default=str(DATA / "pride_and_prejudice.txt"))
+    parser.add_argument("--calib-sequences", type=int, default=32)
+    parser.add_argument("--calib-length", type=int, default=512)
+    parser.add_argument("--recipes", nargs="+", default=ALL, metavar="NAME",
+                        help=f"any of: {', '.join(ALL)}")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    result = run(args)
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nresults written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
