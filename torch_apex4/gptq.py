@@ -88,7 +88,8 @@ def _check_weight_and_hessian(weight: Tensor, hessian: Tensor):
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
     if not weight.is_floating_point() or not hessian.is_floating_point():
-        raise TypeError(f"weight and hessian must be floating point, got {weight.dtype} and {hessian.dtype}")
+        raise TypeError(f"weight and hessian must be floating point, got {weight.dtype} and "
+                        f"{hessian.dtype}")
     k = weight.shape[1]
     if hessian.shape != (k, k):
         raise ValueError(f"hessian must be [K, K] = [{k}, {k}] for a weight of shape "
@@ -154,9 +155,9 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, group_size: Optional[int],
     rounding). Scales: per channel (group_size None) from each whole row upfront; per group
     from the error-updated weights when the group's first column is reached (the block size is
     reduced to gcd(block_size, group_size) so that a group starts at a block boundary, where all
-    its columns are up to date). With
-    act_order the group scales are taken upfront from the original weights ("static groups"),
-    which keeps groups contiguous in natural K order as the kernels require.
+    its columns are up to date). With act_order the group scales are taken upfront from the
+    original weights ("static groups"), which keeps groups contiguous in natural K order as the
+    kernels require; act_order usually lowers the error.
 
     clip_ratio: a float, or a tensor [N] of per-row ratios; damp: fraction of mean(diag H)
     added to the diagonal.
@@ -190,7 +191,8 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, group_size: Optional[int],
     for start in range(0, kp, block_size):
         end = min(start + block_size, kp)
         if not static_scales and start % group == 0:
-            scales[:, start // group] = _group_scale(w[:, start:start + group].abs().amax(-1), clip[:, 0])
+            amax = w[:, start:start + group].abs().amax(-1)
+            scales[:, start // group] = _group_scale(amax, clip[:, 0])
         block_values, errors = _quantize_block(w[:, start:end], inverse[start:end, start:end],
                                                scales[:, column_group[start:end]].T)
         values[:, start:end] = block_values.T
@@ -224,7 +226,8 @@ def _quantize_block(w: Tensor, inverse: Tensor, column_scales: Tensor):
 
 def _check_candidates(candidates: Sequence[float]):
     if len(candidates) == 0 or not all(0 < c <= 1 for c in candidates):
-        raise ValueError(f"clip candidates must be a non-empty sequence in (0, 1], got {candidates}")
+        raise ValueError(f"clip candidates must be a non-empty sequence in (0, 1], "
+                         f"got {candidates}")
 
 
 def search_weight_clip(weight: Tensor, hessian: Tensor, group_size: Optional[int],
@@ -244,11 +247,13 @@ def search_weight_clip(weight: Tensor, hessian: Tensor, group_size: Optional[int
     _check_weight_and_hessian(weight, hessian)
     rows = weight.shape[0]
     stacked = weight.detach().float().repeat(len(candidates), 1)
-    clips = torch.tensor(candidates, dtype=torch.float32, device=weight.device).repeat_interleave(rows)
-    values, scales = gptq_quantize(stacked, hessian, group_size, clips, **gptq_options)
-    errors = row_output_errors(stacked, dequantize(values, scales), hessian).reshape(len(candidates), rows)
+    ratios = torch.tensor(candidates, dtype=torch.float32, device=weight.device)
+    values, scales = gptq_quantize(stacked, hessian, group_size, ratios.repeat_interleave(rows),
+                                   **gptq_options)
+    errors = row_output_errors(stacked, dequantize(values, scales), hessian)
+    errors = errors.reshape(len(candidates), rows)
     if per_row:
-        return torch.tensor(candidates, dtype=torch.float32, device=weight.device)[errors.argmin(0)]
+        return ratios[errors.argmin(0)]
     return candidates[int(errors.sum(1).argmin())]
 
 
@@ -270,8 +275,8 @@ def search_act_clip(inputs: Tensor, weight: Tensor, group_size: Optional[int],
     """
     _check_candidates(candidates)
     if weight.dim() != 2 or inputs.shape[-1] != weight.shape[1]:
-        raise ValueError(f"inputs [..., K] and weight [N, K] must share K, got {tuple(inputs.shape)} "
-                         f"and {tuple(weight.shape)}")
+        raise ValueError(f"inputs [..., K] and weight [N, K] must share K, got "
+                         f"{tuple(inputs.shape)} and {tuple(weight.shape)}")
     w_hat = weight if quantized_weight is None else quantized_weight
     if w_hat.shape != weight.shape:
         raise ValueError(f"quantized_weight must have the weight's shape {tuple(weight.shape)}, "
@@ -280,9 +285,9 @@ def search_act_clip(inputs: Tensor, weight: Tensor, group_size: Optional[int],
     x = inputs.detach().reshape(-1, k).float()
     reference = x @ weight.detach().float().T
     w_hat_padded = F.pad(w_hat.detach().float(), (0, padded_k(k, group_size) - k))
-    errors = [(reference - _dequantized_act(x, group_size, c) @ w_hat_padded.T).square().sum().item()
+    errors = [(reference - _dequantized_act(x, group_size, c) @ w_hat_padded.T).square().sum()
               for c in candidates]
-    return candidates[min(range(len(errors)), key=errors.__getitem__)]
+    return candidates[int(torch.stack(errors).argmin())]  # the first of equal minima
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +327,8 @@ class _LinearInputs:
     def add(self, x: Tensor, gram: Tensor):
         self.gram += gram
         self.tokens += x.shape[0]
-        self.samples.append(x[::self.sample_stride].float())
+        # A copy: a strided view would keep the whole activation alive.
+        self.samples.append(x[::self.sample_stride].clone())
 
     def hessian(self) -> Tensor:
         return self.gram * (2.0 / self.tokens)
@@ -448,7 +454,8 @@ def _quantize_linear(linear: nn.Linear, stats: _LinearInputs, config: W4A4Config
 
     act_clip = config.act_clip
     if act_clip_candidates is not None:
-        act_clip = search_act_clip(sample, weight, group_size, act_clip_candidates, quantized_weight)
+        act_clip = search_act_clip(sample, weight, group_size, act_clip_candidates,
+                                   quantized_weight)
 
     reference = sample @ weight.float().T
     quantized_output = ops.w4a4_linear(sample, w_q, scales, None, act_clip)
@@ -521,8 +528,10 @@ def calibrate_gptq_(model: nn.Module, calibration_ids: Tensor, config: W4A4Confi
 
     all_stats = {}
     with torch.no_grad():
-        inputs = _capture_block_inputs(model, blocks[0], calibration_ids.to(device).split(batch_size))
-        for index, block in enumerate(tqdm(blocks, desc="GPTQ", unit="block", disable=not progress)):
+        batches = calibration_ids.to(device).split(batch_size)
+        inputs = _capture_block_inputs(model, blocks[0], batches)
+        for index, block in enumerate(tqdm(blocks, desc="GPTQ", unit="block",
+                                           disable=not progress)):
             block_prefix = f"{prefix}.{index}."
             linears = {name[len(block_prefix):]: m for name, m in targets.items()
                        if name.startswith(block_prefix)}
