@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import torch_apex4 as apex4
+from graphs import captured_graph
 from torch_apex4.backend import W4A4_LINEAR, rewrite_quantized_linears
 
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
@@ -74,19 +75,6 @@ def test_quantize_rejects_non_config(tiny_llama):
 
 def test_backend_is_registered():
     assert "apex4" in torch._dynamo.list_backends()
-
-
-def captured_graph(model, ids):
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append((gm, list(example_inputs)))
-        return gm
-
-    torch._dynamo.reset()
-    with torch.inference_mode():
-        torch.compile(model, backend=capture, fullgraph=True)(ids)
-    return graphs[0]
 
 
 def targets(gm):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import torch_apex4 as apex4
+from graphs import captured_graph
 from torch_apex4.backend import W4A4_ROTATED_LINEAR, rewrite_quantized_linears
 from torch_apex4.rotation import RotatedInputLinear, rotate_
 
@@ -122,16 +123,8 @@ def test_backend_rewrites_rotated_linears_and_matches_eager():
     rotate_(model)
     apex4.quantize_(model, apex4.W4A4Config(group_size=64))
     ids = torch.randint(0, 256, (1, 9))
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append((gm, list(example_inputs)))
-        return gm
-
-    torch._dynamo.reset()
+    gm, inputs = captured_graph(model, ids)
     with torch.inference_mode():
-        torch.compile(model, backend=capture, fullgraph=True)(ids)
-        gm, inputs = graphs[0]
         targets = [n.target for n in gm.graph.nodes]
         assert sum(t in W4A4_ROTATED_LINEAR for t in targets) == 4
         before = gm(*inputs)[0]
