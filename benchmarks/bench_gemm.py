@@ -1,15 +1,23 @@
 """GEMM speed on one GPU, side by side: FP16 F.linear (cuBLAS), INT8
-torch._int_mm, FP8 torch._scaled_mm (e4m3, row-wise scales) and apex4
-(w4a4_gemm alone, and quantize_act + w4a4_gemm) per granularity, at the
+torch._int_mm, FP8 torch._scaled_mm (e4m3, row-wise scales) and apex4 per
+granularity -- w4a4_linear (the layer's real cost: fp16 x in, quantization of
+x included, fp16 out) and w4a4_gemm alone (already quantized x) -- at the
 LLaMA-2-7B/70B linear-layer shapes.
 
-Times are medians of triton.testing.do_bench (which also clears L2 before
-every call), or of CUDA events when Triton is missing. Inputs are random and
-non-zero; for small problems several copies of every operand are rotated so
-that none is served from L2. Prints a table last (microseconds for FP16, then
-speedup over FP16 per cell) and writes every measurement as JSON.
+Times are the smaller of two medians of triton.testing.do_bench (which also
+clears L2 before every call), or a median of CUDA events when Triton is
+missing. Inputs are random and non-zero; for small problems several copies of
+every operand are rotated so that none is served from L2. Prints a table last
+(microseconds for FP16, then speedup over FP16 per cell) and writes every
+measurement as JSON.
 
-    python benchmarks/bench_gemm.py [--quick] [--json PATH]
+    python benchmarks/bench_gemm.py [--quick] [--json PATH] [--shapes NAME ...]
+        [--tokens M ...] [--granularities G ...] [--compare-paths PATH ...]
+        [--quant-gemm]
+
+--compare-paths adds w4a4_gemm columns with APEX4_GEMM_PATH forced to each
+path (e.g. sm90mma), to compare kernels in one run; --quant-gemm adds
+quantize_act + w4a4_gemm (what w4a4_linear costs unfused).
 """
 import argparse
 import json
@@ -51,16 +59,18 @@ def granularity_name(group_size):
 
 
 def median_us(fn):
+    """The smaller of two medians taken one after the other: a transient
+    (a clock dip, another process) rarely spans both."""
     try:
         from triton.testing import do_bench
     except ImportError:
         do_bench = None
     if do_bench is not None:
-        return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+        return min(do_bench(fn, warmup=10, rep=40, return_mode="median") for _ in range(2)) * 1e3
     for _ in range(5):
         fn()
     times = []
-    for _ in range(50):
+    for _ in range(100):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -119,13 +129,17 @@ def fp8_case(m, k, n):
 
 
 def apex4_cases(m, k, n, group_size):
-    """(gemm only, quantize + gemm) for one granularity."""
+    """(w4a4_linear, w4a4_gemm, quantize_act + w4a4_gemm) for one granularity."""
     def make():
         x = torch.randn(m, k, dtype=torch.float16, device="cuda")
         w_q, w_s = ops.quantize_weight(torch.randn(n, k, device="cuda"), group_size)
         a_q, a_s = ops.quantize_act(x, group_size)
         return x, a_q, a_s, w_q, w_s
     operands = rotating(make)
+
+    def linear():
+        x, _, _, w_q, w_s = operands()
+        return ops.w4a4_linear(x, w_q, w_s)
 
     def gemm():
         _, a_q, a_s, w_q, w_s = operands()
@@ -135,7 +149,22 @@ def apex4_cases(m, k, n, group_size):
         x, _, _, w_q, w_s = operands()
         a_q, a_s = ops.quantize_act(x, group_size)
         return ops.w4a4_gemm(a_q, a_s, w_q, w_s, None, torch.float16)
-    return gemm, quantize_and_gemm
+    return linear, gemm, quantize_and_gemm
+
+
+def with_gemm_path(path, fn):
+    """fn run with APEX4_GEMM_PATH=path (the binding reads it on every call)."""
+    def run():
+        previous = os.environ.get("APEX4_GEMM_PATH")
+        os.environ["APEX4_GEMM_PATH"] = path
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ["APEX4_GEMM_PATH"]
+            else:
+                os.environ["APEX4_GEMM_PATH"] = previous
+    return run
 
 
 def measure(fn):
@@ -150,7 +179,7 @@ def measure(fn):
     return median_us(fn)
 
 
-def run(shapes, tokens, granularities):
+def run(shapes, tokens, granularities, compare_paths, quant_gemm):
     records = []
     for name, k, n in shapes:
         for m in tokens:
@@ -158,9 +187,13 @@ def run(shapes, tokens, granularities):
             cases = [("fp16", None, fp16_case(m, k, n)), ("int8", None, int8_case(m, k, n)),
                      ("fp8", None, fp8_case(m, k, n))]
             for g in granularities:
-                gemm, q_gemm = apex4_cases(m, k, n, g)
-                cases += [("apex4 gemm", granularity_name(g), gemm),
-                          ("apex4 quant+gemm", granularity_name(g), q_gemm)]
+                linear, gemm, quantize_and_gemm = apex4_cases(m, k, n, g)
+                cases += [("apex4 linear", granularity_name(g), linear),
+                          ("apex4 gemm", granularity_name(g), gemm)]
+                if quant_gemm:
+                    cases.append(("apex4 quant+gemm", granularity_name(g), quantize_and_gemm))
+                cases += [(f"apex4 gemm:{path}", granularity_name(g), with_gemm_path(path, gemm))
+                          for path in compare_paths]
             row = []
             for method, granularity, fn in cases:
                 us = measure(fn)
@@ -171,6 +204,7 @@ def run(shapes, tokens, granularities):
                 r["speedup_vs_fp16"] = (None if r["median_us"] is None or fp16_us is None
                                         else fp16_us / r["median_us"])
             records += row
+            del cases
             torch.cuda.empty_cache()
     return records
 
@@ -198,8 +232,9 @@ def print_table(records):
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
     for line in lines:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
-    print("cells: speedup over FP16 F.linear (higher is better); apex4 outputs fp16; "
-          "'quant+gemm' includes quantize_act of the fp16 input")
+    print("cells: speedup over FP16 F.linear (higher is better); 'linear' = w4a4_linear on the "
+          "fp16 input (activation quantization included), 'gemm' = w4a4_gemm on quantized input; "
+          "apex4 outputs fp16")
 
 
 def main():
@@ -208,14 +243,25 @@ def main():
     default_json = os.path.join(os.environ["OUT"], "bench_gemm.json") if os.environ.get("OUT") else None
     parser.add_argument("--json", default=default_json,
                         help="where to write the measurements (default: $OUT/bench_gemm.json)")
+    parser.add_argument("--shapes", nargs="+", metavar="NAME",
+                        help="shape names to run (default: all, or the quick ones)")
+    parser.add_argument("--tokens", nargs="+", type=int, metavar="M", help="token counts M")
+    parser.add_argument("--granularities", nargs="+", metavar="G",
+                        help="group sizes, 'none' for per channel")
+    parser.add_argument("--compare-paths", nargs="+", default=[], metavar="PATH",
+                        help="extra w4a4_gemm columns with APEX4_GEMM_PATH forced")
+    parser.add_argument("--quant-gemm", action="store_true",
+                        help="add a quantize_act + w4a4_gemm column (w4a4_linear unfused)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gemm.py needs a CUDA GPU")
-    shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK_SHAPES]
-    tokens = QUICK_TOKENS if args.quick else TOKENS
-    granularities = QUICK_GRANULARITIES if args.quick else GRANULARITIES
+    names = args.shapes or (QUICK_SHAPES if args.quick else [s[0] for s in SHAPES])
+    shapes = [s for s in SHAPES if s[0] in names]
+    tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
+    granularities = ([None if g == "none" else int(g) for g in args.granularities]
+                     if args.granularities else QUICK_GRANULARITIES if args.quick else GRANULARITIES)
     torch.manual_seed(0)
-    records = run(shapes, tokens, granularities)
+    records = run(shapes, tokens, granularities, args.compare_paths, args.quant_gemm)
     if args.json:
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                     cuda=torch.version.cuda, gemm_path=os.environ.get("APEX4_GEMM_PATH", "auto"))

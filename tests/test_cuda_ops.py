@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 ops = torch.ops.apex4
 GROUPS = [None, 64, 128, 256]
-PATHS = ["sm80", "sm90", "decode"]
+PATHS = ["sm80", "sm90", "sm90mma", "decode"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CUDA = "cuda"
 
@@ -181,7 +181,7 @@ def test_gemm_unit_scales_give_exact_integer_sums(monkeypatch, path, groups, m, 
     assert torch.equal(out, (a.double() @ w.double().T).float())
 
 
-@pytest.mark.parametrize("path", ["sm90", "decode"])
+@pytest.mark.parametrize("path", ["sm90", "sm90mma", "decode"])
 def test_gemm_group_too_long_for_int8_mma_falls_back_exactly(monkeypatch, path):
     # The INT8 paths hold 256x the partials; a 131072-long group could overflow
     # int32 there, so the binding runs the INT4 path instead (still exact).
@@ -208,8 +208,9 @@ def test_gemm_llama_shapes_auto_path(k, n, m, group_size):
     assert_gemm_close(out, ref, magnitude, w_s.shape[1])
 
 
-@pytest.mark.parametrize("path", ["sm80", "sm90"])
-@pytest.mark.parametrize("k,n,group_size", [(4096, 4096, None), (4096, 11008, 128)])
+@pytest.mark.parametrize("path", ["sm80", "sm90", "sm90mma"])
+@pytest.mark.parametrize("k,n,group_size", [(4096, 4096, None), (4096, 11008, 128), (2048, 3072, 64),
+                                            (2048, 1024, 256)])
 def test_gemm_large_m(monkeypatch, path, k, n, group_size):
     set_path(monkeypatch, path)
     a_q, a_s, w_q, w_s = random_operands(8192, n, k, group_size, dtype=torch.bfloat16)
@@ -261,6 +262,88 @@ def test_linear_on_cuda_is_quantize_then_gemm():
     assert torch.equal(out, ops.w4a4_gemm(a_q, a_s, w_q, w_s, bias, torch.bfloat16))
 
 
+# ---- fused decode linear ------------------------------------------------------
+
+def same_bits(a, b):
+    """Bitwise equality (NaN included) of two float tensors of one dtype."""
+    as_int = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.view(as_int[a.dtype]), b.view(as_int[b.dtype]))
+
+
+def quantize_then_gemm(x, w_q, w_s, bias, clip):
+    groups = w_s.shape[1]
+    group_size = None if groups == 1 else w_q.shape[1] * 2 // groups
+    a_q, a_s = ops.quantize_act(x, group_size, clip)
+    return ops.w4a4_gemm(a_q, a_s, w_q, w_s, bias, x.dtype)
+
+
+@pytest.mark.parametrize("m", range(1, 17))
+@pytest.mark.parametrize("group_size", [None, 64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_linear_has_the_bits_of_quantize_then_gemm(m, group_size, dtype):
+    # K pads to 640: every M up to 16 runs fused (M * Kp <= 11264). Rows of
+    # K = 600 are 16-byte aligned (x staged in shared memory), K = 601 not.
+    n, k = 1040, [600, 601][(m // 2) % 2]
+    x = torch.randn(m, k, dtype=dtype, device=CUDA) * 2
+    w_q, w_s = ops.quantize_weight(torch.randn(n, k, device=CUDA), group_size)
+    bias = [None, torch.randn(n, device=CUDA, dtype=dtype)][m % 2]
+    clip = [1.0, 0.9][m % 3 == 0]
+    poison_allocator(m * n * 4)
+    out = ops.w4a4_linear(x, w_q, w_s, bias, clip)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert same_bits(out, quantize_then_gemm(x, w_q, w_s, bias, clip))
+
+
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_fused_linear_runs_one_kernel(group_size):
+    x = torch.randn(2, 512, dtype=torch.float16, device=CUDA)
+    w_q, w_s = ops.quantize_weight(torch.randn(64, 512, device=CUDA), group_size)
+    ops.w4a4_linear(x, w_q, w_s)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.w4a4_linear(x, w_q, w_s)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1 and "QuantizingActivations" in kernels[0], kernels
+
+
+@pytest.mark.parametrize("m,k,n", [(5, 4096, 256), (16, 4096, 300), (2, 28672, 64), (40, 512, 96)])
+def test_linear_too_big_to_fuse_is_quantize_then_gemm(m, k, n):
+    x = torch.randn(m, k, dtype=torch.float16, device=CUDA)
+    w_q, w_s = ops.quantize_weight(torch.randn(n, k, device=CUDA), 128)
+    bias = torch.randn(n, device=CUDA, dtype=torch.float16)
+    assert same_bits(ops.w4a4_linear(x, w_q, w_s, bias), quantize_then_gemm(x, w_q, w_s, bias, 1.0))
+
+
+def test_fused_linear_strided_input_nonfinite_rows_and_leading_dims():
+    x = torch.randn(600, 6, device=CUDA).t()  # [6, 600], not contiguous
+    x[1, 7] = float("nan")
+    x[4, 0] = float("inf")
+    w_q, w_s = ops.quantize_weight(torch.randn(72, 600, device=CUDA), 64)
+    out = ops.w4a4_linear(x, w_q, w_s)
+    assert same_bits(out, quantize_then_gemm(x.contiguous(), w_q, w_s, None, 1.0))
+    assert torch.isnan(out[1]).all() and torch.isnan(out[4]).all()
+    assert torch.isfinite(out[[0, 2, 3, 5]]).all()
+    x3 = torch.randn(2, 3, 600, dtype=torch.bfloat16, device=CUDA)
+    out3 = ops.w4a4_linear(x3, w_q, w_s)
+    assert out3.shape == (2, 3, 72)
+    assert same_bits(out3.reshape(6, 72), ops.w4a4_linear(x3.reshape(6, 600), w_q, w_s))
+
+
+def test_fused_linear_rejects_what_the_composite_rejects():
+    x = torch.randn(2, 256, device=CUDA)
+    w_q, w_s = ops.quantize_weight(torch.randn(8, 256, device=CUDA))
+    with pytest.raises(ValueError, match="clip_ratio"):
+        ops.w4a4_linear(x, w_q, w_s, None, 1.5)
+    with pytest.raises(ValueError, match="bias"):
+        ops.w4a4_linear(x, w_q, w_s, torch.randn(9, device=CUDA))
+    with pytest.raises(TypeError, match="w_s"):
+        ops.w4a4_linear(x, w_q, w_s.double())
+    with pytest.raises(ValueError, match="pad"):
+        ops.w4a4_linear(torch.randn(2, 320, device=CUDA), w_q, w_s)
+
+
 def test_bad_gemm_path_is_rejected(monkeypatch):
     set_path(monkeypatch, "sm70")
     with pytest.raises(ValueError, match="APEX4_GEMM_PATH"):
@@ -300,6 +383,9 @@ def test_opcheck_every_op_on_cuda():
     for op, args in opcheck_cases():
         torch.library.opcheck(op, args)
         covered.add(op.name().split("::")[1].split(".")[0])
-    registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
-                  if name.startswith("apex4::")}
-    assert covered == registered
+    # Every op with a CUDA kernel of its own (composites that merely call
+    # other ops, on whatever device those run, are covered through them).
+    with_cuda_kernel = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+                        if name.startswith("apex4::")
+                        and "\nCUDA: registered" in torch._C._dispatch_dump(name)}
+    assert covered == with_cuda_kernel

@@ -18,6 +18,7 @@
 #pragma once
 
 #include "apex4/int4.h"
+#include "cuda/gemm_epilogue.cuh"
 #include "cuda/mma.cuh"
 
 namespace apex4::cuda {
@@ -60,71 +61,13 @@ __device__ __forceinline__ void copy_chunk(uint32_t stage, int smem_row, int chu
               valid);
 }
 
-// A thread's accumulators and the factors its epilogue applies to them.
-template <int kMT, int kNT>
-struct EpilogueFragments {
-  const int (&acc)[kMT][kNT][4];
-  const float (&facc)[kMT][kNT][4];
-  const float (&row_scale)[kMT][2];
-  const float (&col_scale)[kNT][2];
-  const float (&bias)[kNT][2];
-};
-
-// Output element c[i] of tile (mt, nt). Per channel: 0 + float(P) * (sa * sw);
-// then + bias (or + 0, as the CPU kernel does). Every step is rounded like
-// the CPU kernel (no fused multiply-add), so per channel both give the same
-// bits.
-template <bool kGrouped, int kMT, int kNT>
-__device__ __forceinline__ float epilogue_value(const EpilogueFragments<kMT, kNT>& f, int mt,
-                                                int nt, int i) {
-  const float v = kGrouped ? f.facc[mt][nt][i]
-                           : __fadd_rn(0.0f, __fmul_rn(static_cast<float>(f.acc[mt][nt][i]),
-                                                       f.row_scale[mt][i / 2] * f.col_scale[nt][i % 2]));
-  return __fadd_rn(v, f.bias[nt][i % 2]);
-}
-
-template <bool kGrouped, typename Out, int kMT, int kNT>
-__device__ __forceinline__ void store_tile(const GemmParams& p, Out* out, int thread_m,
-                                           int thread_n, const EpilogueFragments<kMT, kNT>& f) {
-  const bool pair_stores = p.n % 2 == 0;
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = thread_m + mt * 16 + h * 8;
-      if (m >= p.m) continue;
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        const int n = thread_n + nt * 8;
-        Out* at = out + static_cast<int64_t>(m) * p.n + n;
-        const float v0 = epilogue_value<kGrouped>(f, mt, nt, 2 * h);
-        const float v1 = epilogue_value<kGrouped>(f, mt, nt, 2 * h + 1);
-        if (pair_stores && n + 1 < p.n) {
-          store_pair(at, v0, v1);
-        } else {
-          if (n < p.n) at[0] = from_float<Out>(v0);
-          if (n + 1 < p.n) at[1] = from_float<Out>(v1);
-        }
-      }
-    }
-  }
-}
-
 template <class Mma, class Tile, bool kGrouped>
 __global__ void __launch_bounds__(Tile::kThreads, 1) gemm_tiled_kernel(const GemmParams p) {
   constexpr int kBM = Tile::kBM, kBN = Tile::kBN, kMT = Tile::kMTiles, kNT = Tile::kNTiles;
   extern __shared__ __align__(128) uint8_t smem[];
 
-  // Blocks walk the output tiles kRasterRows tile rows at a time, down each
-  // column of tiles, so the blocks resident together share a few panels of A
-  // and W in L2 rather than each sweeping all of W.
-  constexpr int kRasterRows = 8;
-  const int tiles_m = (p.m + kBM - 1) / kBM, tiles_n = (p.n + kBN - 1) / kBN;
-  const int panel = blockIdx.x / (kRasterRows * tiles_n);
-  const int panel_rows = min(tiles_m - panel * kRasterRows, kRasterRows);
-  const int in_panel = blockIdx.x - panel * kRasterRows * tiles_n;
-  const int m0 = (panel * kRasterRows + in_panel % panel_rows) * kBM;
-  const int n0 = (in_panel / panel_rows) * kBN;
+  const TileOrigin origin = rastered_tile(blockIdx.x, p.m, p.n, kBM, kBN);
+  const int m0 = origin.m0, n0 = origin.n0;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warp_m = warp / Tile::kWarpsN, warp_n = warp % Tile::kWarpsN;
@@ -169,7 +112,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) gemm_tiled_kernel(const Gem
   // row factor folds in the accumulator's power-of-two scale, which changes
   // no rounding: (sa / 256) * sw == (sa * sw) / 256 exactly.
   float row_scale[kMT][2], col_scale[kNT][2];
-  auto load_scales = [&](int group) {
+  auto load_row_scales = [&](int group) {
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -180,6 +123,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) gemm_tiled_kernel(const Gem
                     : 0.0f;
       }
     }
+  };
+  auto load_col_scales = [&](int group) {
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -213,7 +158,10 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) gemm_tiled_kernel(const Gem
     for (int s = 0; s < Tile::kStepsPerStage; ++s) {
       if (kt * Tile::kStepsPerStage + s >= ksteps) break;  // K ends mid-stage
       if constexpr (kGrouped) {
-        if (step_in_group == 0) load_scales(group);
+        if (step_in_group == 0) {
+          load_row_scales(group);
+          load_col_scales(group);
+        }
       }
       typename Mma::A a[kMT];
       typename Mma::B b[kNT];
@@ -261,25 +209,17 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) gemm_tiled_kernel(const Gem
     }
   }
 
-  if constexpr (!kGrouped) load_scales(0);
-  float bias[kNT][2];
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int n = thread_n + nt * 8 + j;
-      bias[nt][j] = p.bias != nullptr && n < p.n ? load_float(p.bias, p.bias_kind, n) : 0.0f;
-    }
-  }
-  // The output type is switched on once, around a store loop per type.
-  const EpilogueFragments<kMT, kNT> frag{acc, facc, row_scale, col_scale, bias};
-  switch (p.out_kind) {
-    case FloatKind::kF16: store_tile<kGrouped>(p, static_cast<__half*>(p.out), thread_m, thread_n, frag); break;
-    case FloatKind::kBF16:
-      store_tile<kGrouped>(p, static_cast<__nv_bfloat16*>(p.out), thread_m, thread_n, frag);
-      break;
-    default: store_tile<kGrouped>(p, static_cast<float*>(p.out), thread_m, thread_n, frag);
-  }
+  if constexpr (!kGrouped) load_row_scales(0);
+  store_output<kMT, kNT>(
+      p, thread_m, thread_n, [&](int n) { return load_column_factors(p, n, !kGrouped); },
+      [&](int mt, int nt, int i, const ColumnFactors& c) {
+        if constexpr (kGrouped) {
+          return __fadd_rn(facc[mt][nt][i], c.bias[i % 2]);
+        } else {
+          return per_channel_output(acc[mt][nt][i], row_scale[mt][i / 2], c.scale[i % 2],
+                                    c.bias[i % 2]);
+        }
+      });
 }
 
 template <class Tile>

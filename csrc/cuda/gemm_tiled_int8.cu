@@ -1,4 +1,5 @@
-// The sm_90 GEMM path: INT4 unpacked to INT8 in registers (mma m16n8k32 s8).
+// The sm90mma GEMM path: INT4 unpacked to INT8 in registers (mma m16n8k32 s8),
+// for compute capability 9.x+ without wgmma.
 #include "cuda/gemm_tiled.cuh"
 
 namespace apex4::cuda {

@@ -55,11 +55,41 @@ cudaError_t launch_unpack_int4(const uint8_t* packed, int64_t n_bytes, int8_t* v
 
 // Tiled GEMM on INT4 tensor cores (mma m16n8k64 s4): the sm_80/86/89 path.
 cudaError_t launch_gemm_tiled_int4(const GemmParams& p, cudaStream_t stream);
-// Tiled GEMM with INT4 unpacked to INT8 on chip (mma m16n8k32 s8): the sm_90
-// path (Hopper emulates the s4 MMA). Needs group_len <= kMaxInt8MmaGroupLen.
+// Tiled GEMM with INT4 unpacked to INT8 in registers (mma m16n8k32 s8): the
+// sm90mma path, for compute capability 9.x+ without wgmma (Hopper emulates
+// the s4 MMA). Needs group_len <= kMaxInt8MmaGroupLen.
 cudaError_t launch_gemm_tiled_int8(const GemmParams& p, cudaStream_t stream);
+// Tiled GEMM on Hopper's warpgroup tensor cores (wgmma s8, sm_90a only), INT4
+// unpacked to INT8 in shared memory. Needs group_len <= kMaxInt8MmaGroupLen.
+// Per channel, with fewer 128x128 output tiles than half the SMs it splits K
+// (plan_gemm_wgmma says how): the caller then provides a workspace of `tiles`
+// zeroed counters and splits * M * N int32 partial sums.
+struct SplitK {
+  int splits = 1;            // K ranges per output tile (1: K is not split)
+  int* counters = nullptr;   // [tiles], zero on entry (and left zero)
+  int* partials = nullptr;   // [splits, M, N]
+};
+struct WgmmaPlan {
+  int splits;     // SplitK::splits to launch with
+  int64_t tiles;  // output tiles, one counter each
+};
+WgmmaPlan plan_gemm_wgmma(const GemmParams& p);
+cudaError_t launch_gemm_wgmma(const GemmParams& p, const SplitK& split, cudaStream_t stream);
 // Memory-bound GEMM for a few tokens: every weight byte is read once per 16
 // tokens. Needs group_len <= kMaxInt8MmaGroupLen.
 cudaError_t launch_gemm_decode(const GemmParams& p, cudaStream_t stream);
+
+// w4a4_linear for a few tokens in one launch: the decode GEMM with p.a and
+// p.a_scale unused, each block quantizing x [p.m, k] (float type x_kind) into
+// shared memory itself, with quantize_act's math: the output has the bits of
+// launch_quantize + launch_gemm_decode. Every block quantizes all of x, so
+// this pays off only for small p.m * p.kp: the binding fuses up to
+// kLinearDecodeMaxValues, one token of K <= 11264 or two of K <= 5632 (on an
+// H100 two tokens broke even at K = 4096 and four were slower; one token of
+// K = 28672 gained only 5%, with a 128 KB copy of fp32 x in shared memory;
+// benchmarks/NOTES.md). At least 1 and at most kDecodeMaxTokens tokens.
+cudaError_t launch_linear_decode(const GemmParams& p, const void* x, FloatKind x_kind, int64_t k,
+                                 float clip_ratio, cudaStream_t stream);
+constexpr int64_t kLinearDecodeMaxValues = 11264;
 
 }  // namespace apex4::cuda

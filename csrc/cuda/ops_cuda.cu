@@ -5,12 +5,20 @@
 // w4a4_gemm picks its kernel by compute capability and M; APEX4_GEMM_PATH
 // (read on every call) overrides the choice, so the tests can run every path
 // on one GPU:
-//   auto    decode for M <= 16, else sm90 on compute capability 9.x+, else sm80
-//   sm80    tiled GEMM on INT4 tensor cores (Hopper runs them emulated, slowly)
-//   sm90    tiled GEMM on INT8 tensor cores, INT4 unpacked on chip
-//   decode  memory-bound kernel for few tokens (any M; 16 tokens per block row)
-// sm90 and decode hold 256x the partial sums in int32; for groups longer than
-// kMaxInt8MmaGroupLen they would overflow, and sm80 runs instead.
+//   auto     decode for M <= 16, else sm90 on compute capability 9.0, sm90mma on
+//            other 9.x and newer, else sm80
+//   sm80     tiled GEMM on INT4 tensor cores (mma.sync; Hopper emulates them, slowly)
+//   sm90     tiled GEMM on wgmma INT8 tensor cores, INT4 unpacked in shared memory
+//   sm90mma  tiled GEMM on mma.sync INT8 tensor cores, INT4 unpacked in registers
+//   decode   memory-bound kernel for few tokens (any M; 16 tokens per block row)
+// The INT8 paths hold 256x the partial sums in int32; for groups longer than
+// kMaxInt8MmaGroupLen they would overflow, and sm80 runs instead. sm90 needs
+// compute capability 9.0 exactly (wgmma is sm_90a); elsewhere sm90mma runs.
+//
+// w4a4_linear on CUDA: where w4a4_gemm would take the decode path and x is
+// small (launch.h's kLinearDecodeMaxValues), one kernel quantizes x and
+// multiplies, with the bits of quantize_act + w4a4_gemm; otherwise the
+// composite (csrc/ops.cpp) runs those two ops.
 //
 // Only c10/cuda headers (the stream is c10::cuda::getCurrentCUDAStream, which
 // at::cuda::getCurrentCUDAStream forwards to): ATen/cuda/CUDAContext.h pulls
@@ -29,6 +37,11 @@
 #include "cuda/launch.h"
 
 namespace apex4 {
+
+// The device-independent composite (csrc/ops.cpp): quantize_act, then w4a4_gemm.
+at::Tensor w4a4_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_s,
+                       const std::optional<at::Tensor>& bias, double act_clip);
+
 namespace {
 
 cuda::FloatKind float_kind(at::ScalarType t) {
@@ -101,30 +114,35 @@ at::Tensor unpack_int4_cuda(const at::Tensor& packed) {
   return values;
 }
 
-enum class GemmPath { kAuto, kSm80, kSm90, kDecode };
+enum class GemmPath { kAuto, kSm80, kSm90, kSm90Mma, kDecode };
 
 GemmPath requested_gemm_path() {
   const char* env = std::getenv("APEX4_GEMM_PATH");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return GemmPath::kAuto;
   if (std::strcmp(env, "sm80") == 0) return GemmPath::kSm80;
   if (std::strcmp(env, "sm90") == 0) return GemmPath::kSm90;
+  if (std::strcmp(env, "sm90mma") == 0) return GemmPath::kSm90Mma;
   if (std::strcmp(env, "decode") == 0) return GemmPath::kDecode;
-  TORCH_CHECK_VALUE(false, "apex4: APEX4_GEMM_PATH must be auto, sm80, sm90 or decode, got '",
-                    env, "'");
+  TORCH_CHECK_VALUE(false, "apex4: APEX4_GEMM_PATH must be auto, sm80, sm90, sm90mma or decode, "
+                    "got '", env, "'");
 }
 
-GemmPath choose_gemm_path(const GemmDims& d, const at::Device& device) {
-  int major = 0;
+GemmPath choose_gemm_path(int64_t m, int64_t group_len, const at::Device& device) {
+  int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.index()));
   TORCH_CHECK_VALUE(major >= 8, "apex4: the CUDA kernels need compute capability 8.0 or newer, "
                     "this GPU is ", major, ".x");
+  const bool has_wgmma = major == 9 && minor == 0;
   GemmPath path = requested_gemm_path();
   if (path == GemmPath::kAuto) {
-    path = d.m <= cuda::kDecodeMaxTokens ? GemmPath::kDecode
-           : major >= 9                ? GemmPath::kSm90
+    path = m <= cuda::kDecodeMaxTokens ? GemmPath::kDecode
+           : has_wgmma                 ? GemmPath::kSm90
+           : major >= 9                ? GemmPath::kSm90Mma
                                        : GemmPath::kSm80;
   }
-  if (path != GemmPath::kSm80 && d.group_len > cuda::kMaxInt8MmaGroupLen) path = GemmPath::kSm80;
+  if (path == GemmPath::kSm90 && !has_wgmma) path = GemmPath::kSm90Mma;
+  if (path != GemmPath::kSm80 && group_len > cuda::kMaxInt8MmaGroupLen) path = GemmPath::kSm80;
   return path;
 }
 
@@ -138,7 +156,7 @@ at::Tensor w4a4_gemm_cuda(const at::Tensor& a_q, const at::Tensor& a_s, const at
   const c10::cuda::CUDAGuard guard(a_q.device());
   at::Tensor out = alloc_gemm_out(a_q, d);
   if (d.m == 0 || d.n == 0) return out;
-  const GemmPath path = choose_gemm_path(d, a_q.device());
+  const GemmPath path = choose_gemm_path(d.m, d.group_len, a_q.device());
   const at::Tensor a = aligned_16(a_q), w = aligned_16(w_q);
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   cuda::GemmParams p;
@@ -157,9 +175,82 @@ at::Tensor w4a4_gemm_cuda(const at::Tensor& a_q, const at::Tensor& a_s, const at
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (path) {
     case GemmPath::kDecode: C10_CUDA_CHECK(cuda::launch_gemm_decode(p, stream)); break;
-    case GemmPath::kSm90: C10_CUDA_CHECK(cuda::launch_gemm_tiled_int8(p, stream)); break;
+    case GemmPath::kSm90: {
+      const cuda::WgmmaPlan plan = cuda::plan_gemm_wgmma(p);
+      cuda::SplitK split;
+      at::Tensor counters, partials;
+      if (plan.splits > 1) {
+        counters = at::zeros({plan.tiles}, a_q.options().dtype(at::kInt));
+        partials = at::empty({plan.splits * d.m * d.n}, a_q.options().dtype(at::kInt));
+        split = {plan.splits, counters.mutable_data_ptr<int>(), partials.mutable_data_ptr<int>()};
+      }
+      C10_CUDA_CHECK(cuda::launch_gemm_wgmma(p, split, stream));
+      break;
+    }
+    case GemmPath::kSm90Mma: C10_CUDA_CHECK(cuda::launch_gemm_tiled_int8(p, stream)); break;
     default: C10_CUDA_CHECK(cuda::launch_gemm_tiled_int4(p, stream));
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// True where w4a4_linear(x, w_q, w_s) runs as one fused decode kernel: the
+// arguments are well formed (anything else goes to the composite, which
+// raises the errors) and x is small enough (launch.h).
+bool fused_linear_applies(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_s) {
+  if (!x.is_cuda() || !is_float_act(x.scalar_type()) || x.dim() < 1 || x.size(-1) == 0 ||
+      w_q.dim() != 2 || w_s.dim() != 2 || w_s.size(0) != w_q.size(0) || w_s.size(1) == 0 ||
+      w_q.size(0) == 0) {
+    return false;
+  }
+  const int64_t kp = w_q.size(1) * 2, groups = w_s.size(1);
+  if (kp == 0 || kp % groups != 0 || (kp / groups) % kKAlign != 0) return false;
+  const int64_t group_len = kp / groups;
+  if (padded_k(x.size(-1), groups == 1 ? 0 : group_len) != kp) return false;
+  const int64_t m = x.numel() / x.size(-1);
+  if (m < 1 || m > cuda::kDecodeMaxTokens || m * kp > cuda::kLinearDecodeMaxValues) return false;
+  return choose_gemm_path(m, group_len, x.device()) == GemmPath::kDecode;
+}
+
+at::Tensor w4a4_linear_cuda(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_s,
+                            const std::optional<at::Tensor>& bias, double act_clip) {
+  if (!fused_linear_applies(x, w_q, w_s)) return w4a4_linear(x, w_q, w_s, bias, act_clip);
+  const int64_t kp = w_q.size(1) * 2, groups = w_s.size(1);
+  const std::optional<int64_t> group_size =
+      groups == 1 ? std::nullopt : std::optional<int64_t>(kp / groups);
+  const QuantizeDims qd = check_quantize_args(x, group_size, act_clip);
+  check_packed(w_q, "w_q");
+  check_scales(w_s, "w_s");
+  check_same_device(x, w_q, "w_q");
+  check_same_device(x, w_s, "w_s");
+  if (bias.has_value()) {
+    check_same_device(x, *bias, "bias");
+    TORCH_CHECK_TYPE(is_float_act(bias->scalar_type()),
+                     "apex4: bias must be float16, bfloat16 or float32, got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w_q.size(0),
+                      "apex4: bias must be [N] = [", w_q.size(0), "], got ", bias->sizes());
+  }
+  check_int_range(w_q.size(0), "N");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto shape = x.sizes().vec();
+  shape.back() = w_q.size(0);
+  at::Tensor out = at::empty(shape, x.options());
+  const at::Tensor xc = x.contiguous(), w = aligned_16(w_q);
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  cuda::GemmParams p{};
+  p.w = w.const_data_ptr<uint8_t>();
+  p.w_scale = w_s.const_data_ptr<float>();
+  p.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
+  p.bias_kind = bias_c.defined() ? float_kind(bias_c.scalar_type()) : cuda::FloatKind::kF32;
+  p.out = out.mutable_data_ptr();
+  p.out_kind = float_kind(x.scalar_type());
+  p.m = static_cast<int>(qd.rows);
+  p.n = static_cast<int>(w_q.size(0));
+  p.kp = static_cast<int>(kp);
+  p.groups = static_cast<int>(groups);
+  C10_CUDA_CHECK(cuda::launch_linear_decode(p, xc.const_data_ptr(), float_kind(x.scalar_type()),
+                                            qd.k, static_cast<float>(act_clip),
+                                            c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -172,6 +263,7 @@ TORCH_LIBRARY_IMPL(apex4, CUDA, m) {
   m.impl("pack_int4", &pack_int4_cuda);
   m.impl("unpack_int4", &unpack_int4_cuda);
   m.impl("w4a4_gemm", &w4a4_gemm_cuda);
+  m.impl("w4a4_linear", &w4a4_linear_cuda);
 }
 
 }  // namespace apex4

@@ -1,7 +1,30 @@
-// Host launchers of quantize.cuh's kernels.
+// Host launchers of quantize.cuh's kernels, and the elementwise pack_int4 /
+// unpack_int4 kernels.
 #include "cuda/quantize.cuh"
 
 namespace apex4::cuda {
+
+__global__ void pack_int4_kernel(const int8_t* values, int64_t n_bytes, uint8_t* packed) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n_bytes;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    packed[j] = pack_pair(values[2 * j], values[2 * j + 1]);
+  }
+}
+
+__global__ void unpack_int4_kernel(const uint8_t* packed, int64_t n_bytes, int8_t* values) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n_bytes;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint8_t b = packed[j];
+    values[2 * j] = static_cast<int8_t>(unpack_lo(b));
+    values[2 * j + 1] = static_cast<int8_t>(unpack_hi(b));
+  }
+}
+
+// Enough blocks to fill any current GPU; the kernels stride over the rest.
+inline unsigned elementwise_blocks(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<unsigned>(blocks < 8192 ? blocks : 8192);
+}
 
 cudaError_t launch_quantize(const void* x, FloatKind x_kind, int64_t rows, int64_t k, int64_t kp,
                             int64_t group_len, float clip_ratio, uint8_t* packed, float* scales,

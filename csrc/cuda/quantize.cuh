@@ -1,4 +1,5 @@
-// quantize_act / quantize_weight, pack_int4 and unpack_int4 on the GPU.
+// quantize_act / quantize_weight on the GPU (pack_int4 and unpack_int4, plain
+// elementwise kernels, live in quantize.cu).
 //
 // Quantization is one pass over x: one block per row reads the row once into
 // registers (8 values a thread and slot, 16-byte loads where aligned), finds
@@ -17,20 +18,32 @@ namespace apex4::cuda {
 
 constexpr int kQuantizeThreads = 256;
 
-// Values 8*vec .. 8*vec+7 of a row of k values, zeros past k.
-template <typename T>
+// 16 bytes at p: read-only global loads (__ldg) for global memory, plain
+// (generic) loads where p may point to shared memory.
+template <bool kGlobal, typename V>
+__device__ __forceinline__ V load_16(const void* p) {
+  if constexpr (kGlobal) {
+    return __ldg(reinterpret_cast<const V*>(p));
+  } else {
+    return *reinterpret_cast<const V*>(p);
+  }
+}
+
+// Values 8*vec .. 8*vec+7 of a row of k values, zeros past k; kGlobal says
+// whether the row is in global memory (else shared).
+template <typename T, bool kGlobal = true>
 __device__ __forceinline__ void load_8(const T* row, int64_t k, int vec, bool vector_loads,
                                        float (&v)[8]) {
   const int64_t e0 = static_cast<int64_t>(vec) * 8;
   if (vector_loads && e0 + 8 <= k) {
     if constexpr (sizeof(T) == 2) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + e0));
+      const uint4 raw = load_16<kGlobal, uint4>(row + e0);
       const T* h = reinterpret_cast<const T*>(&raw);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = to_float(h[i]);
     } else {
-      const float4 lo = __ldg(reinterpret_cast<const float4*>(row + e0));
-      const float4 hi = __ldg(reinterpret_cast<const float4*>(row + e0 + 4));
+      const float4 lo = load_16<kGlobal, float4>(row + e0);
+      const float4 hi = load_16<kGlobal, float4>(row + e0 + 4);
       v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
       v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
     }
@@ -50,12 +63,23 @@ __device__ __forceinline__ void note_amax(const float (&v)[8], int vec, int vecs
 #pragma unroll
   for (int i = 0; i < 8; ++i) bits = max(bits, __float_as_uint(fabsf(v[i])));
   // Lanes 8j..8j+7 hold 64 consecutive values, which lie in one group since
-  // group_len is a multiple of 64: reduce there, one atomic per 64 values.
+  // group_len is a multiple of 64: reduce there. When groups are multiples of
+  // 256 (per channel, for one) the warp's 256 values lie in one group: reduce
+  // over the warp, one atomic per warp instead of four on the same word.
 #pragma unroll
   for (int offset = 1; offset < 8; offset *= 2) {
     bits = max(bits, __shfl_xor_sync(0xffffffffu, bits, offset));
   }
-  if (threadIdx.x % 8 == 0 && vec < vecs) atomicMax(group_bits + vec * 8 / group_len, bits);
+  const bool whole_warp = group_len % 256 == 0;
+  if (whole_warp) {
+    bits = max(bits, __shfl_xor_sync(0xffffffffu, bits, 8));
+    bits = max(bits, __shfl_xor_sync(0xffffffffu, bits, 16));
+  }
+  // A lane writes if it leads its reduction and holds values (vecs is a
+  // multiple of 8, so an 8-lane span is in range or out as a whole).
+  if (threadIdx.x % (whole_warp ? 32 : 8) == 0 && vec < vecs) {
+    atomicMax(group_bits + vec * 8 / group_len, bits);
+  }
 }
 
 __device__ __forceinline__ void store_packed(const float (&v)[8], int vec, int vecs, int group_len,
@@ -118,6 +142,45 @@ __global__ void __launch_bounds__(kQuantizeThreads)
   }
 }
 
+// Quantizes rows 0 .. rows-1 of x [rows, k] (in global memory, or shared
+// with kGlobal = false) with the whole block of kQuantizeThreads threads into
+// shared memory: row r packed at packed + r * packed_stride, its group scales
+// at scales[r * groups ..] (as float bits). Same math on the same fp32 values
+// as quantize_kernel, so the same bits as quantize_act. Reads x twice, and
+// ends with __syncthreads.
+template <typename T, bool kGlobal>
+__device__ void quantize_rows_in_block(const T* x, int64_t k, int kp, int group_len,
+                                       float clip_ratio, bool vector_loads, int rows,
+                                       uint8_t* packed, int packed_stride, uint32_t* scales) {
+  const int groups = kp / group_len;
+  const int vecs = kp / 8;
+  const int slots = (vecs + kQuantizeThreads - 1) / kQuantizeThreads;
+  for (int j = threadIdx.x; j < rows * groups; j += kQuantizeThreads) scales[j] = 0;
+  __syncthreads();
+  for (int r = 0; r < rows; ++r) {
+    for (int s = 0; s < slots; ++s) {
+      const int vec = s * kQuantizeThreads + threadIdx.x;
+      float v[8];
+      load_8<T, kGlobal>(x + r * k, k, vec, vector_loads, v);
+      note_amax(v, vec, vecs, group_len, scales + r * groups);
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < rows * groups; j += kQuantizeThreads) {
+    scales[j] = __float_as_uint(group_scale(__uint_as_float(scales[j]), clip_ratio));
+  }
+  __syncthreads();
+  for (int r = 0; r < rows; ++r) {
+    for (int s = 0; s < slots; ++s) {
+      const int vec = s * kQuantizeThreads + threadIdx.x;
+      float v[8];
+      load_8<T, kGlobal>(x + r * k, k, vec, vector_loads, v);
+      store_packed(v, vec, vecs, group_len, scales + r * groups, packed + r * packed_stride);
+    }
+  }
+  __syncthreads();
+}
+
 template <typename T>
 void launch_quantize_typed(const T* x, int64_t rows, int64_t k, int64_t kp, int64_t group_len,
                            float clip_ratio, uint8_t* packed, float* scales, cudaStream_t stream) {
@@ -138,28 +201,6 @@ void launch_quantize_typed(const T* x, int64_t rows, int64_t k, int64_t kp, int6
   } else {
     launch(quantize_kernel<T, 8>);
   }
-}
-
-__global__ void pack_int4_kernel(const int8_t* values, int64_t n_bytes, uint8_t* packed) {
-  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n_bytes;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    packed[j] = pack_pair(values[2 * j], values[2 * j + 1]);
-  }
-}
-
-__global__ void unpack_int4_kernel(const uint8_t* packed, int64_t n_bytes, int8_t* values) {
-  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n_bytes;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint8_t b = packed[j];
-    values[2 * j] = static_cast<int8_t>(unpack_lo(b));
-    values[2 * j + 1] = static_cast<int8_t>(unpack_hi(b));
-  }
-}
-
-// Enough blocks to fill any current GPU; the kernels stride over the rest.
-inline unsigned elementwise_blocks(int64_t n, int threads) {
-  const int64_t blocks = (n + threads - 1) / threads;
-  return static_cast<unsigned>(blocks < 8192 ? blocks : 8192);
 }
 
 }  // namespace apex4::cuda

@@ -174,6 +174,23 @@ struct GemmCase {
 
 using Launcher = cudaError_t (*)(const GemmParams&, cudaStream_t);
 
+// The wgmma path with the split-K workspace its plan asks for.
+cudaError_t launch_wgmma_planned(const GemmParams& p, cudaStream_t stream) {
+  const apex4::cuda::WgmmaPlan plan = apex4::cuda::plan_gemm_wgmma(p);
+  apex4::cuda::SplitK split;
+  if (plan.splits > 1) {
+    static DeviceBuffer<int>* counters = nullptr;
+    static DeviceBuffer<int>* partials = nullptr;
+    delete counters;
+    delete partials;
+    counters = new DeviceBuffer<int>(plan.tiles);
+    CUDA_OK(cudaMemset(counters->ptr, 0, plan.tiles * sizeof(int)));
+    partials = new DeviceBuffer<int>(static_cast<size_t>(plan.splits) * p.m * p.n);
+    split = {plan.splits, counters->ptr, partials->ptr};
+  }
+  return apex4::cuda::launch_gemm_wgmma(p, split, stream);
+}
+
 std::vector<int8_t> unpack_host(const std::vector<uint8_t>& packed) {
   std::vector<int8_t> values(2 * packed.size());
   for (size_t j = 0; j < packed.size(); ++j) {
@@ -233,13 +250,17 @@ void test_gemm(const char* path, Launcher launch, const GemmCase& c, std::mt1993
     CUDA_OK(launch(p, nullptr));
     CUDA_OK(cudaGetLastError());
     const auto got = out.host();
-    bool exact = true;
+    int wrong = 0;
     for (int i = 0; i < c.m * c.n; ++i) {
       int64_t sum = 0;
       for (int g = 0; g < c.groups; ++g) sum += partials[static_cast<size_t>(i) * c.groups + g];
-      exact = exact && got[i] == static_cast<float>(sum);
+      if (got[i] != static_cast<float>(sum) && ++wrong <= 4) {
+        std::printf("  [%d, %d]: got %.9g, want %lld\n", i / c.n, i % c.n, got[i],
+                    static_cast<long long>(sum));
+      }
     }
-    expect(exact, what + ": unit scales give the exact integer sums");
+    if (wrong > 0) std::printf("  %d of %d outputs wrong\n", wrong, c.m * c.n);
+    expect(wrong == 0, what + ": unit scales give the exact integer sums");
   }
   // Real scales, fp16 bias, every output type, against a float64 reference.
   for (FloatKind kind : {FloatKind::kF32, FloatKind::kF16, FloatKind::kBF16}) {
@@ -278,6 +299,46 @@ void test_gemm(const char* path, Launcher launch, const GemmCase& c, std::mt1993
   }
 }
 
+// ---- fused decode linear ----------------------------------------------------
+
+// launch_linear_decode must give the bits of launch_quantize + launch_gemm_decode.
+template <typename T>
+void test_linear_decode(FloatKind kind, const char* type_name, int m, int n, int64_t k,
+                        int64_t group, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::vector<T> x(static_cast<size_t>(m) * k);
+  for (auto& v : x) v = from_float_host<T>(normal(rng));
+  const int64_t kp = apex4::padded_k(k, group), groups = apex4::num_groups(k, group);
+  std::vector<float> wf(static_cast<size_t>(n) * k);
+  for (auto& v : wf) v = normal(rng);
+  std::vector<uint8_t> w_packed;
+  std::vector<float> w_scales;
+  quantize_host(wf, n, k, group, 1.0f, w_packed, w_scales);
+  std::vector<float> bias(n);
+  for (auto& b : bias) b = normal(rng);
+
+  DeviceBuffer<T> dx(x);
+  DeviceBuffer<uint8_t> dw(w_packed), da(static_cast<size_t>(m) * kp / 2);
+  DeviceBuffer<float> dsw(w_scales), dsa(static_cast<size_t>(m) * groups), dbias(bias);
+  DeviceBuffer<T> two_ops(static_cast<size_t>(m) * n), fused(static_cast<size_t>(m) * n);
+  const float clip = 0.9f;
+  CUDA_OK(apex4::cuda::launch_quantize(dx.ptr, kind, m, k, kp, kp / groups, clip, da.ptr, dsa.ptr,
+                                       nullptr));
+  GemmParams p{da.ptr, dsa.ptr, dw.ptr, dsw.ptr, dbias.ptr, FloatKind::kF32, two_ops.ptr, kind,
+               m, n, static_cast<int>(kp), static_cast<int>(groups)};
+  CUDA_OK(apex4::cuda::launch_gemm_decode(p, nullptr));
+  p.a = nullptr;
+  p.a_scale = nullptr;
+  p.out = fused.ptr;
+  CUDA_OK(apex4::cuda::launch_linear_decode(p, dx.ptr, kind, k, clip, nullptr));
+  CUDA_OK(cudaGetLastError());
+  const auto a = two_ops.host(), b = fused.host();
+  const bool same = std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+  expect(same, std::string("linear_decode ") + type_name + " m=" + std::to_string(m) + " n=" +
+                   std::to_string(n) + " k=" + std::to_string(k) + " group=" +
+                   std::to_string(group) + ": bits of quantize + decode GEMM");
+}
+
 }  // namespace
 
 int main() {
@@ -300,14 +361,29 @@ int main() {
                             {16, 264, 640, 5},   {17, 130, 4096, 1},  {33, 256, 2048, 16},
                             {130, 264, 640, 10}, {200, 520, 1536, 1}, {129, 257, 1088, 17},
                             {64, 96, 8192, 32},  {4200, 1100, 64, 1}, {4224, 1056, 192, 1}};
+  int device = 0, major = 0, minor = 0;
+  CUDA_OK(cudaGetDevice(&device));
+  CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  CUDA_OK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   const struct {
     const char* name;
     Launcher launch;
-  } paths[] = {{"tiled_int4 (sm80)", apex4::cuda::launch_gemm_tiled_int4},
-               {"tiled_int8 (sm90)", apex4::cuda::launch_gemm_tiled_int8},
-               {"decode", apex4::cuda::launch_gemm_decode}};
+    bool runs;
+  } paths[] = {{"tiled_int4 (sm80)", apex4::cuda::launch_gemm_tiled_int4, true},
+               {"tiled_int8 (sm90mma)", apex4::cuda::launch_gemm_tiled_int8, true},
+               {"wgmma (sm90)", launch_wgmma_planned, major == 9 && minor == 0},
+               {"decode", apex4::cuda::launch_gemm_decode, true}};
   for (const auto& path : paths) {
+    if (!path.runs) continue;
     for (const GemmCase& c : cases) test_gemm(path.name, path.launch, c, rng);
+  }
+  for (int64_t group : {0, 64, 128}) {
+    for (int m : {1, 3, 8, 9, 16}) {
+      test_linear_decode<__half>(FloatKind::kF16, "f16", m, 300, 1000, group, rng);
+      test_linear_decode<float>(FloatKind::kF32, "f32", m, 4100, 576, group, rng);
+    }
+    test_linear_decode<__nv_bfloat16>(FloatKind::kBF16, "bf16", 2, 5000, 4096, group, rng);
+    test_linear_decode<__half>(FloatKind::kF16, "f16", 3, 200, 1001, group, rng);  // not staged
   }
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
