@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_apex4  # noqa: F401  (registers the ops)
+from torch_apex4.plan import parse_granularity
 
 ops = torch.ops.apex4
 
@@ -246,8 +247,8 @@ def main():
     parser.add_argument("--shapes", nargs="+", metavar="NAME",
                         help="shape names to run (default: all, or the quick ones)")
     parser.add_argument("--tokens", nargs="+", type=int, metavar="M", help="token counts M")
-    parser.add_argument("--granularities", nargs="+", metavar="G",
-                        help="group sizes, 'none' for per channel")
+    parser.add_argument("--granularities", nargs="+", metavar="G", type=parse_granularity,
+                        help="granularity labels: pc (per channel), g64, g128, ...")
     parser.add_argument("--compare-paths", nargs="+", default=[], metavar="PATH",
                         help="extra w4a4_gemm columns with APEX4_GEMM_PATH forced")
     parser.add_argument("--quant-gemm", action="store_true",
@@ -258,8 +259,8 @@ def main():
     names = args.shapes or (QUICK_SHAPES if args.quick else [s[0] for s in SHAPES])
     shapes = [s for s in SHAPES if s[0] in names]
     tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
-    granularities = ([None if g == "none" else int(g) for g in args.granularities]
-                     if args.granularities else QUICK_GRANULARITIES if args.quick else GRANULARITIES)
+    granularities = (args.granularities
+                     or (QUICK_GRANULARITIES if args.quick else GRANULARITIES))
     torch.manual_seed(0)
     records = run(shapes, tokens, granularities, args.compare_paths, args.quant_gemm)
     if args.json:

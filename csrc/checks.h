@@ -79,6 +79,15 @@ inline int64_t check_rotation(const at::Tensor& x, const at::Tensor& factor) {
   return m;
 }
 
+// hadamard(x, factor): x a float tensor with a last dimension. Returns m.
+inline int64_t check_hadamard_args(const at::Tensor& x, const at::Tensor& factor) {
+  TORCH_CHECK_TYPE(is_float_act(x.scalar_type()),
+                   "apex4: hadamard expects a float16, bfloat16 or float32 tensor, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "apex4: hadamard expects a last dimension");
+  return check_rotation(x, factor);
+}
+
 inline void check_packed(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kByte, "apex4: ", name,
                    " must be packed INT4 (uint8), got ", t.scalar_type());

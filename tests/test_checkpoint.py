@@ -8,17 +8,18 @@ from torch import nn
 import torch_apex4 as apex4
 from torch_apex4 import checkpoint
 from torch_apex4.checkpoint import load_quantized, save_quantized
+from torch_apex4.plan import GranularityPlan
 from torch_apex4.rotation import RotatedInputLinear, rotate_
 
 
-def tiny_quantized_llama(tie_word_embeddings=True, group_size=64):
+def tiny_quantized_llama(tie_word_embeddings=True, group_size=64, plan=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, tie_word_embeddings=tie_word_embeddings)
     model = LlamaForCausalLM(config).eval()
-    return apex4.quantize_(model, apex4.W4A4Config(group_size=group_size))
+    return apex4.quantize_(model, apex4.W4A4Config(group_size=group_size), plan=plan)
 
 
 def logits(model, ids):
@@ -35,11 +36,11 @@ def unique_tensor_bytes(model):
 @pytest.mark.parametrize("group_size", [64, None])
 @pytest.mark.parametrize("tie", [True, False])
 def test_round_trip_is_exact(tmp_path, tie, group_size):
-    model = tiny_quantized_llama(tie, group_size)
+    plan = GranularityPlan({"model.layers.0.mlp.down_proj": None, "model.layers.1.mlp.down_proj": 128},
+                           {"model.layers.0.mlp.down_proj": {"pc": 0.03, "g128": 0.01}})
+    model = tiny_quantized_llama(tie, group_size, plan)
     model.generation_config.max_new_tokens = 7
-    plan = {"model.layers.0.mlp.down_proj": None, "model.layers.1.mlp.down_proj": 128}
-    sensitivity = {"model.layers.0.mlp.down_proj": {"rho": 3.5, "kurtosis": 41.0}}
-    save_quantized(model, tmp_path, base_model="tiny-llama", plan=plan, sensitivity=sensitivity)
+    save_quantized(model, tmp_path, base_model="tiny-llama", plan=plan)
     loaded = load_quantized(tmp_path)
 
     ids = torch.randint(0, 256, (2, 23))
@@ -52,12 +53,11 @@ def test_round_trip_is_exact(tmp_path, tie, group_size):
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tie
     assert unique_tensor_bytes(loaded) == unique_tensor_bytes(model)
     assert apex4.linear_weight_bytes(loaded) == apex4.linear_weight_bytes(model)
-    layers = [m for m in loaded.modules() if isinstance(m, apex4.W4A4Linear)]
-    assert len(layers) == 14 and all(m.group_size == group_size for m in layers)
+    layers = {n: m.group_size for n, m in loaded.named_modules() if isinstance(m, apex4.W4A4Linear)}
+    assert len(layers) == 14 and layers == {n: plan.granularity(n, group_size) for n in layers}
     assert not loaded.training
     assert loaded.generation_config.max_new_tokens == 7
-    assert loaded.apex4_checkpoint == {"base_model": "tiny-llama", "plan": plan, "rotation": None,
-                                       "sensitivity": sensitivity}
+    assert loaded.apex4_checkpoint == {"base_model": "tiny-llama", "plan": plan, "rotation": None}
 
 
 @pytest.mark.parametrize("quantize_down_proj", [True, False])
@@ -114,8 +114,19 @@ def test_tied_and_overlapping_tensors_are_stored_once():
 
 
 def test_metadata_must_be_json(tmp_path):
-    with pytest.raises(TypeError, match="sensitivity must be JSON-serializable"):
-        save_quantized(tiny_quantized_llama(), tmp_path, base_model="x", sensitivity={"a": torch.ones(1)})
+    with pytest.raises(TypeError, match="rotation must be JSON-serializable"):
+        save_quantized(tiny_quantized_llama(), tmp_path, base_model="x", rotation={"a": torch.ones(1)})
+
+
+def test_plan_must_match_the_model(tmp_path):
+    model = tiny_quantized_llama(group_size=64)
+    with pytest.raises(TypeError, match="GranularityPlan"):
+        save_quantized(model, tmp_path, base_model="x", plan={"model.layers.0.mlp.up_proj": 64})
+    with pytest.raises(ValueError, match="up_proj pc, but the layer is g64"):
+        save_quantized(model, tmp_path, base_model="x",
+                       plan=GranularityPlan({"model.layers.0.mlp.up_proj": None}))
+    with pytest.raises(ValueError, match="lm_head, which is not a quantized layer"):
+        save_quantized(model, tmp_path, base_model="x", plan=GranularityPlan({"lm_head": 64}))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -196,6 +207,17 @@ def test_config_not_ours_or_too_new(saved, edit, message):
         load_quantized(saved)
 
 
+@pytest.mark.parametrize("plan,message", [
+    ({"layers": {"model.layers.0.mlp.up_proj": "g96"}}, "up_proj: .*multiple of 64"),
+    ({"layers": {"model.layers.0.mlp.up_proj": "pc"}}, "plan gives model.layers.0.mlp.up_proj pc"),
+    ({"layers": {}, "sensitivity": {"x": {"g64": -1.0}}}, "non-negative"),
+])
+def test_stored_plan_is_checked(saved, plan, message):
+    edit_config(saved, lambda c: c.update(plan=plan))
+    with pytest.raises(ValueError, match=message):
+        load_quantized(saved)
+
+
 def test_config_that_is_not_json(saved):
     (saved / checkpoint.CONFIG_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -248,13 +270,18 @@ def test_command_line_quantize_and_info(tmp_path, monkeypatch, capsys):
                                                num_hidden_layers=2, num_attention_heads=4)).eval()
     monkeypatch.setattr(torch_apex4.models, "load_model", lambda path, dtype: (float_model, None))
     out = tmp_path / "ckpt"
-    checkpoint.main(["quantize", "--model", "tiny", "--group-size", "channel", "--out", str(out)])
+    plan = GranularityPlan({"model.layers.1.self_attn.v_proj": 64}).save(tmp_path / "plan.json")
+    checkpoint.main(["quantize", "--model", "tiny", "--group-size", "channel", "--plan", str(plan),
+                     "--out", str(out)])
     assert f"wrote {out}" in capsys.readouterr().out
     loaded = load_quantized(out)
-    assert all(m.group_size is None for m in loaded.modules() if isinstance(m, apex4.W4A4Linear))
+    assert {n: m.group_size for n, m in loaded.named_modules() if isinstance(m, apex4.W4A4Linear)
+            if m.group_size is not None} == {"model.layers.1.self_attn.v_proj": 64}
+    assert loaded.apex4_checkpoint["plan"] == GranularityPlan.load(plan)
     checkpoint.main(["info", str(out)])
     info = capsys.readouterr().out
-    assert "W4A4 layers:   14 (14 per-channel)" in info and "base model:    tiny" in info
+    assert "W4A4 layers:   14 (1 g64, 13 per-channel)" in info and "base model:    tiny" in info
+    assert "plan:          {'g64': 1}" in info
 
 
 def test_float_layers_stay_float(tmp_path, saved):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import torch_apex4  # noqa: F401  (registers the ops)
+from torch_apex4.hadamard import rotation_factor
 from reference import quantize_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -296,7 +297,8 @@ def test_fused_linear_has_the_bits_of_quantize_then_gemm(m, group_size, dtype):
 
 
 @pytest.mark.parametrize("group_size", [None, 128])
-def test_fused_linear_runs_one_kernel(group_size):
+def test_decode_linear_runs_the_quantizer_then_the_decode_gemm(group_size):
+    # The pair launch_linear_decode makes (the GEMM as a programmatic dependent).
     x = torch.randn(2, 512, dtype=torch.float16, device=CUDA)
     w_q, w_s = ops.quantize_weight(torch.randn(64, 512, device=CUDA), group_size)
     ops.w4a4_linear(x, w_q, w_s)
@@ -305,7 +307,9 @@ def test_fused_linear_runs_one_kernel(group_size):
         ops.w4a4_linear(x, w_q, w_s)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert len(kernels) == 1 and "QuantizingActivations" in kernels[0], kernels
+    assert len(kernels) == 2, kernels
+    assert any("quantize_kernel" in k for k in kernels), kernels
+    assert any("gemm_decode_kernel" in k for k in kernels), kernels
 
 
 @pytest.mark.parametrize("m,k,n", [(5, 4096, 256), (16, 4096, 300), (2, 28672, 64), (40, 512, 96)])
@@ -373,6 +377,9 @@ def opcheck_cases():
                                       torch.float16)
         yield ops.w4a4_linear.default, (x.reshape(1, 5, 576), w_q, w_s,
                                         torch.randn(24, device=CUDA), 0.9)
+    factor = rotation_factor(576, CUDA)
+    yield ops.hadamard.default, (torch.randn(2, 3, 576, device=CUDA), factor)
+    yield ops.hadamard_quantize_act.default, (x, factor, 64, 0.9)
     yield ops.pack_int4.default, (torch.randint(-8, 8, (3, 10), dtype=torch.int8, device=CUDA),)
     yield ops.unpack_int4.default, (torch.randint(0, 256, (4, 2, 6), dtype=torch.uint8,
                                                   device=CUDA),)
@@ -389,3 +396,143 @@ def test_opcheck_every_op_on_cuda():
                         if name.startswith("apex4::")
                         and "\nCUDA: registered" in torch._C._dispatch_dump(name)}
     assert covered == with_cuda_kernel
+
+
+# ---- quantize: the exact division shortcut, long rows, every amax path -------
+
+def half_integer_row(k, dtype, seed):
+    """A row whose values divided by its scale land on and next to half
+    integers: amax 7 gives scale 1 (clip 1), so (j + 0.5) is a tie and its
+    float neighbours are a rounding away from one; random magnitudes beside."""
+    g = torch.Generator().manual_seed(seed)
+    ties = torch.arange(-7, 7, dtype=torch.float32) + 0.5
+    near = torch.cat([ties, torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1)])
+    x = torch.randn(k, generator=g) * 3
+    x[: near.numel()] = near
+    x[near.numel()] = 7.0
+    x = x.to(dtype)
+    return x[torch.randperm(k, generator=g)] if k <= 64 else x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [None, 64, 128])
+def test_quantize_half_integer_quotients_match_cpu(dtype, group_size):
+    # Every group of 64 gets the tie values and amax 7 (scale exactly 1), and
+    # a scaled copy (scale not a power of two, quotients next to ties).
+    rows = [half_integer_row(64, dtype, s).repeat(8) for s in range(4)]
+    x = torch.stack(rows + [r.float().mul(0.3).to(dtype) for r in rows])
+    for clip in (1.0, 0.9):
+        packed, scales = ops.quantize_act(x.to(CUDA), group_size, clip)
+        packed_cpu, scales_cpu = ops.quantize_act(x, group_size, clip)
+        assert torch.equal(packed.cpu(), packed_cpu)
+        assert torch.equal(scales.cpu().view(torch.int32), scales_cpu.view(torch.int32))
+
+
+@pytest.mark.parametrize("k,group_size,dtype", [
+    (70000, None, torch.float16),    # longer than a block's registers: two passes
+    (70000, 128, torch.bfloat16),    # long rows of short groups: chunk by chunk
+    (40000, None, torch.float32),
+    (40001, 192, torch.float32),     # groups across warps, unaligned rows
+    (4096, 192, torch.float16),
+    (4096, 512, torch.float16),
+    (11008, 1024, torch.bfloat16),
+    (1000, 64, torch.float16),       # unaligned rows, read a value at a time
+])
+def test_quantize_long_rows_and_long_groups_match_cpu(k, group_size, dtype):
+    x = torch.randn(3, k, dtype=dtype) * 2
+    x[1, k // 3] = float("inf")
+    packed, scales = ops.quantize_act(x.to(CUDA), group_size)
+    packed_cpu, scales_cpu = ops.quantize_act(x, group_size)
+    assert torch.equal(packed.cpu(), packed_cpu)
+    assert torch.equal(scales.cpu().view(torch.int32), scales_cpu.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantize_tiny_scales_and_heavy_clipping_match_cpu(dtype):
+    # Subnormal fp32 amaxes make 1 / scale overflow (the division path);
+    # clip 0.05 sends most values past +-7 (clamped).
+    x = torch.randn(6, 640) * 2
+    if dtype == torch.float32:
+        x[0] *= 1e-39
+        x[1] *= 1e-44
+    x[2] = 0.0
+    x = x.to(dtype)
+    for clip in (1.0, 0.05):
+        for group_size in (None, 128):
+            packed, scales = ops.quantize_act(x.to(CUDA), group_size, clip)
+            packed_cpu, scales_cpu = ops.quantize_act(x, group_size, clip)
+            assert torch.equal(packed.cpu(), packed_cpu)
+            assert torch.equal(scales.cpu().view(torch.int32), scales_cpu.view(torch.int32))
+
+
+# ---- decode GEMM: the weight ring across stages and row tiles ----------------
+
+@pytest.mark.parametrize("m,n,k,group_size", [
+    (1, 4096, 4096, None), (1, 300, 11008, 128), (3, 70, 28672, None), (16, 130, 8192, 64),
+    (9, 2000, 2112, 192), (1, 33, 64, None),
+])
+def test_decode_gemm_matches_cpu_across_stages(monkeypatch, m, n, k, group_size):
+    set_path(monkeypatch, "decode")
+    a_q, a_s, w_q, w_s = random_operands(m, n, k, group_size)
+    bias = torch.randn(n, device=CUDA)
+    out = run_gemm(a_q, a_s, w_q, w_s, bias)
+    ref, magnitude = gemm_ref_device(a_q, a_s, w_q, w_s, bias)
+    assert_gemm_close(out, ref, magnitude, w_s.shape[1])
+    if group_size is None:  # per channel: the CPU kernel's bits
+        cpu = ops.w4a4_gemm(a_q.cpu(), a_s.cpu(), w_q.cpu(), w_s.cpu(), bias.cpu())
+        assert same_bits(out.cpu(), cpu)
+
+
+@pytest.mark.parametrize("k,n", [(4096, 4096), (11008, 4096), (8192, 600)])
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_fused_linear_bits_at_llama_sizes(k, n, group_size):
+    # One token: fused, row tiles walked by fewer blocks, rings of many stages.
+    x = torch.randn(1, k, dtype=torch.float16, device=CUDA)
+    w_q, w_s = ops.quantize_weight(torch.randn(n, k, device=CUDA), group_size)
+    bias = torch.randn(n, dtype=torch.float16, device=CUDA)
+    assert same_bits(ops.w4a4_linear(x, w_q, w_s, bias), quantize_then_gemm(x, w_q, w_s, bias, 1.0))
+
+
+@pytest.mark.parametrize("m,n,k", [(40, 131, 8192), (128, 512, 8192), (33, 260, 16384)])
+def test_gemm_sm90_split_k_has_the_bits_of_sm80(monkeypatch, m, n, k):
+    # Per channel with few output tiles and K >= 8192 the sm90 path splits K
+    # (here in 2, 2 and 4), adding exact int32 partial sums (odd N: the
+    # workspace's scalar stores); twice, since the kernel resets the tile
+    # counters it reuses.
+    a_q, a_s, w_q, w_s = random_operands(m, n, k, None)
+    bias = torch.randn(n, device=CUDA)
+    set_path(monkeypatch, "sm80")
+    expected = run_gemm(a_q, a_s, w_q, w_s, bias)
+    set_path(monkeypatch, "sm90")
+    assert torch.equal(run_gemm(a_q, a_s, w_q, w_s, bias), expected)
+    assert torch.equal(run_gemm(a_q, a_s, w_q, w_s, bias), expected)
+
+
+@pytest.mark.parametrize("group_size", [192, 384, 512])
+def test_gemm_sm90_groups_across_stages(monkeypatch, group_size):
+    # The wgmma kernel folds a group after its last 128-value stage; 192 is
+    # not a whole number of stages and runs the mma.sync kernel.
+    set_path(monkeypatch, "sm90")
+    a_q, a_s, w_q, w_s = random_operands(150, 200, 2000, group_size)
+    out = run_gemm(a_q, a_s, w_q, w_s, None, torch.float32)
+    ref, magnitude = gemm_ref_device(a_q, a_s, w_q, w_s)
+    assert_gemm_close(out, ref, magnitude, w_s.shape[1])
+
+
+def test_decode_linear_replays_in_a_cuda_graph():
+    # The programmatic dependency between the two kernels survives capture.
+    x = torch.randn(3, 4096, dtype=torch.float16, device=CUDA)
+    w_q, w_s = ops.quantize_weight(torch.randn(4096, 4096, device=CUDA), 128)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.w4a4_linear(x, w_q, w_s)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.w4a4_linear(x, w_q, w_s)
+    x.copy_(torch.randn_like(x))
+    expected = quantize_then_gemm(x, w_q, w_s, None, 1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert same_bits(out, expected)

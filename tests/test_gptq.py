@@ -194,6 +194,43 @@ def test_calibrate_tiny_llama(group_size, search):
     assert logits_error(model, original, held_out) < logits_error(rtn_model, original, held_out)
 
 
+def test_calibrate_follows_a_plan_and_measures_sensitivity():
+    from torch_apex4.plan import GranularityPlan
+
+    original = tiny_llama_model()
+    calibration = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
+    planned = {"model.layers.0.self_attn.v_proj": 64, "model.layers.1.mlp.down_proj": 128}
+    model = copy.deepcopy(original)
+    stats = calibrate_gptq_(model, calibration, apex4.W4A4Config(group_size=None), progress=False,
+                            plan=GranularityPlan(planned), sensitivity_granularities=(None, 64))
+    sizes = {n: m.group_size for n, m in model.named_modules() if isinstance(m, apex4.W4A4Linear)}
+    assert sizes == {n: planned.get(n) for n in sizes}
+    for name, layer_stats in stats.items():
+        assert layer_stats["granularity"] == ("pc" if sizes[name] is None else f"g{sizes[name]}")
+        assert set(layer_stats["sensitivity"]) == {"pc", "g64"}
+        if sizes[name] in (None, 64):  # the deployed granularity is measured once
+            label = layer_stats["granularity"]
+            assert layer_stats["sensitivity"][label] == layer_stats["output_error"]
+    # Groups beat per channel on most layers.
+    gains = [s["sensitivity"]["pc"] > s["sensitivity"]["g64"] for s in stats.values()]
+    assert sum(gains) >= 0.75 * len(gains)
+    # Block 0 sees the same inputs whatever the plan: its per-channel sensitivity is the error of
+    # a per-channel calibration.
+    per_channel = calibrate_gptq_(copy.deepcopy(original), calibration,
+                                  apex4.W4A4Config(group_size=None), progress=False)
+    for name in [n for n in stats if n.startswith("model.layers.0.")]:
+        assert stats[name]["sensitivity"]["pc"] == pytest.approx(
+            per_channel[name]["output_error"], rel=1e-6)
+
+
+def test_calibrate_rejects_a_plan_for_other_layers():
+    from torch_apex4.plan import GranularityPlan
+
+    with pytest.raises(ValueError, match="not linear layers to quantize"):
+        calibrate_gptq_(tiny_llama_model(), torch.zeros(2, 8, dtype=torch.long),
+                        apex4.W4A4Config(), plan=GranularityPlan({"lm_head": 128}))
+
+
 class Block(nn.Module):
     def __init__(self, features):
         super().__init__()

@@ -8,7 +8,7 @@ import torch
 import torch_apex4 as apex4
 from graphs import captured_graph
 from torch_apex4.backend import W4A4_ROTATED_LINEAR, rewrite_quantized_linears
-from torch_apex4.rotation import RotatedInputLinear, rotate_
+from torch_apex4.rotation import RotatedInputLinear, _smoothing_scales, rotate_, smooth_
 
 
 def llama(tie=False, **overrides):
@@ -136,3 +136,67 @@ def test_backend_rewrites_rotated_linears_and_matches_eager():
     compiled = torch.compile(model, backend="apex4", fullgraph=True)
     eager, out = logits(model, ids), logits(compiled, ids)
     assert (out - eager).abs().mean() < 1e-3 * eager.abs().mean()
+
+
+# --- smoothing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [llama, qwen2], ids=["llama-gqa", "qwen2-bias"])
+def test_smoothing_preserves_the_float_model(build):
+    model = build()
+    ids = torch.randint(0, 256, (2, 24))
+    before = logits(model, ids)
+    norm_before = model.model.layers[0].input_layernorm.weight.clone()
+    assert smooth_(model, torch.randint(0, 256, (4, 16)), alpha=0.5) == {"alpha": 0.5}
+    assert not torch.allclose(model.model.layers[0].input_layernorm.weight, norm_before)
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)
+    rotate_(model, "online")
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothing_scales_balance_activations_and_weights():
+    rms = torch.tensor([1.0, 4.0, 16.0, 0.25])
+    weight = torch.tensor([[1.0, 1.0, 4.0, 2.0], [1.0, 3.0, 0.0, 0.5]])
+    w = weight.square().sum(0).sqrt() / weight.norm()
+    scales = _smoothing_scales(rms, [weight], 0.5)
+    expected = (rms / w).sqrt()
+    torch.testing.assert_close(scales, expected / expected.log().mean().exp())
+    assert torch.allclose(_smoothing_scales(rms, [weight], 1.0), rms / rms.log().mean().exp())
+
+
+def test_smoothing_helps_w4a4_on_an_outlier_channel():
+    # A massive down_proj input channel (large up_proj row, small down_proj column): the
+    # rotation alone spreads it over the whole token; smoothing moves it into the weight first.
+    model = llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[5] *= 40
+            layer.mlp.down_proj.weight[:, 5] /= 40
+    torch.manual_seed(1)
+    hidden = torch.randn(64, 192)
+
+    def mlp_output(m):  # the MLP of block 0, through its norm (where smoothing divides)
+        layer = m.model.layers[0]
+        with torch.no_grad():
+            return layer.mlp(layer.post_attention_layernorm(hidden))
+
+    ref = mlp_output(model)
+    rotated, smoothed = copy.deepcopy(model), copy.deepcopy(model)
+    smooth_(smoothed, torch.randint(0, 256, (4, 32)))
+    for m in (rotated, smoothed):
+        rotate_(m, "online")
+        apex4.quantize_(m, apex4.W4A4Config(group_size=64))
+    err = lambda m: ((mlp_output(m) - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(smoothed) < 0.8 * err(rotated)
+
+
+def test_smoothing_refuses_what_it_cannot_do():
+    ids = torch.randint(0, 256, (2, 8))
+    with pytest.raises(ValueError, match="alpha"):
+        smooth_(llama(), ids, alpha=1.5)
+    rotated = llama()
+    rotate_(rotated, "online")
+    with pytest.raises(ValueError, match="before rotating"):
+        smooth_(rotated, ids)
+    with pytest.raises(ValueError, match="Llama-style"):
+        smooth_(gemma3(), ids)

@@ -5,12 +5,26 @@ Dynamo hands over an FX graph in which every quantized linear layer is one
 `apex4.w4a4_linear` call, or `apex4.w4a4_rotated_linear` for a layer whose
 input is rotated online (what W4A4Linear.forward emits).
 `rewrite_quantized_linears` is the single place where the backend decides how
-each of them runs; today it lowers each into its activation quantizer
-(`quantize_act`, or `hadamard_quantize_act` with the rotation fused) +
-`w4a4_gemm` at the weight's granularity. The graph then goes to Inductor, which
-compiles everything around the apex4 ops.
+each of them runs. Given a planner (planner.py; the backend builds one for the
+graph's GPU from the rho table or a cached probe), a layer whose token count
+is static and whose planned variant is the decode kernel stays a
+`w4a4_linear` call: on CUDA that op quantizes x and runs the decode GEMM as a
+dependent launch pair. Every other layer is lowered into its activation
+quantizer (`quantize_act`, or `hadamard_quantize_act` with the rotation fused)
++ `w4a4_gemm` at the weight's granularity, whose kernel w4a4_gemm picks by the
+token count (APEX4_GEMM_PATH=auto). w4a4_gemm takes no per-call kernel
+argument, so where the planner's variant is not the one w4a4_gemm picks,
+the plan records both (`KernelChoice.runs`). The graph then goes to Inductor,
+which compiles everything around the apex4 ops.
+
+`torch.compile(model, backend="apex4", mode=..., options=...)` takes the
+modes and options of backend="inductor" (mode="reduce-overhead": CUDA graphs).
 """
+import logging
+import math
 import operator
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 from torch import fx
@@ -22,6 +36,45 @@ W4A4_ROTATED_LINEAR = (_ops.w4a4_rotated_linear, _ops.w4a4_rotated_linear.defaul
 QUANTIZE_ACT = _ops.quantize_act.default
 HADAMARD_QUANTIZE_ACT = _ops.hadamard_quantize_act.default
 W4A4_GEMM = _ops.w4a4_gemm.default
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The plan of one quantized linear: `variant` is the planner's pick for
+    its M tokens (predicted_us, the layer with its activation quantization),
+    `runs` the kernel it gets, `kept` whether the w4a4_linear call stayed."""
+
+    node: str
+    m: int
+    n: int
+    k: int
+    group_size: Optional[int]
+    variant: str
+    predicted_us: float
+    runs: str
+    kept: bool
+
+
+# The plans of the most recent apex4 compilations, newest last (for printing).
+kernel_plans: List[List[KernelChoice]] = []
+_MAX_PLANS = 16
+
+
+def format_kernel_plan(choices: List[KernelChoice]) -> str:
+    from .plan import granularity_label
+
+    lines = [f"{'node':<28} {'M':>6} {'N':>6} {'K':>6} {'gran':>5} {'planned':>9} "
+             f"{'pred us':>8} {'runs':>9}  graph"]
+    for c in choices:
+        lines.append(f"{c.node[:28]:<28} {c.m:>6} {c.n:>6} {c.k:>6} "
+                     f"{granularity_label(c.group_size):>5} {c.variant:>9} "
+                     f"{c.predicted_us:>8.1f} {c.runs:>9}  "
+                     f"{'w4a4_linear' if c.kept else 'quantize_act + w4a4_gemm'}")
+    total = sum(c.predicted_us for c in choices)
+    lines.append(f"{len(choices)} planned layers, {total:.1f} us predicted in all")
+    return "\n".join(lines)
 
 
 def _meta(node):
@@ -36,16 +89,40 @@ def _group_size(w_q_node, w_s_node):
     return None if groups == 1 else _meta(w_q_node).shape[1] * 2 // groups
 
 
-def rewrite_quantized_linears(gm: fx.GraphModule) -> int:
-    """Rewrite each quantized linear node in place; returns how many."""
+def _static_tokens(x_node) -> Optional[int]:
+    """M = the product of x's leading dimensions, if none is symbolic."""
+    dims = _meta(x_node).shape[:-1]
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return math.prod(dims)
+
+
+def rewrite_quantized_linears(gm: fx.GraphModule, planner=None) -> int:
+    """Rewrite the quantized linear nodes in place (all of them without a
+    planner; see the module docstring); returns how many were lowered. With a
+    planner, gm.meta["apex4_kernel_plan"] lists a KernelChoice per planned layer."""
+    from .costmodel import DECODE, DECODE_MAX_TOKENS
+
     graph = gm.graph
     count = 0
+    choices = []
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in W4A4_LINEAR + W4A4_ROTATED_LINEAR:
             continue
         rotated = node.target in W4A4_ROTATED_LINEAR
         x, rotation, w_q, w_s, bias, act_clip = _linear_args(node, rotated)
         group_size = _group_size(w_q, w_s)
+        m = _static_tokens(x)
+        if planner is not None and m is not None and m > 0:
+            n, k = _meta(w_q).shape[0], _meta(x).shape[-1]
+            estimate = planner.kernel_for(m, n, k, group_size)
+            # The decode pair exists only for unrotated layers (w4a4_linear on CUDA).
+            keep = estimate.variant == DECODE and m <= DECODE_MAX_TOKENS and not rotated
+            runs = planner.model.auto_variant(m, group_size)
+            choices.append(KernelChoice(node.name, m, n, k, group_size, estimate.variant,
+                                        estimate.total * 1e6, runs, keep))
+            if keep:
+                continue
         with graph.inserting_before(node):
             if rotated:
                 quantized = graph.call_function(HADAMARD_QUANTIZE_ACT,
@@ -59,6 +136,8 @@ def rewrite_quantized_linears(gm: fx.GraphModule) -> int:
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         count += 1
+    if planner is not None:
+        gm.meta["apex4_kernel_plan"] = choices
     graph.lint()
     gm.recompile()
     return count
@@ -74,8 +153,61 @@ def _linear_args(node, rotated):
     return tuple(values[n] for n in ["x", "rotation", "w_q", "w_s", "bias", "act_clip"])
 
 
-def apex4_backend(gm: fx.GraphModule, example_inputs, **kwargs):
+def planner_for(gm: fx.GraphModule):
+    """A Planner for the GPU the graph's quantized weights are on: its rho
+    table entry, else its cached probe. None on the CPU, for graphs without
+    quantized layers, and for an unknown, unprobed GPU (with a warning: probing
+    takes seconds, so compilation does not do it)."""
+    from . import rho
+    from .costmodel import CostModel
+    from .planner import Planner
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in W4A4_LINEAR + W4A4_ROTATED_LINEAR:
+            device = _meta(_linear_args(node, node.target in W4A4_ROTATED_LINEAR)[2]).device
+            break
+    else:
+        return None
+    if device.type != "cuda":
+        return None
+    try:
+        return Planner(CostModel(rho.gpu_spec(device, allow_probe=False)))
+    except LookupError as error:
+        log.warning("apex4 backend: no kernel plan (%s)", error)
+        return None
+
+
+def inductor_config(mode=None, options=None) -> dict:
+    """The Inductor config patches of torch.compile's `mode` and `options`, as
+    backend="inductor" derives them (mode="reduce-overhead": CUDA graphs)."""
+    from torch._inductor import list_mode_options
+
+    patches = {}
+    if mode not in (None, "default"):
+        modes = list_mode_options()
+        if mode not in modes:
+            raise ValueError(f"apex4 backend: unknown torch.compile mode {mode!r}; "
+                             f"one of {sorted(modes)}")
+        patches.update(modes[mode])
+    if options is not None:
+        if not isinstance(options, dict):
+            raise TypeError(f"apex4 backend: options must be a dict, got {type(options).__name__}")
+        patches.update(options)
+    return patches
+
+
+def apex4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
+    """torch.compile(model, backend="apex4", mode=..., options=...): the rewrite
+    (planned for the graph's GPU), then Inductor with the config that
+    mode/options give backend="inductor"."""
     from torch._inductor.compile_fx import compile_fx
 
-    rewrite_quantized_linears(gm)
-    return compile_fx(gm, example_inputs, **kwargs)
+    config = inductor_config(mode, options)
+    planner = planner_for(gm)
+    rewrite_quantized_linears(gm, planner)
+    if planner is not None:
+        kernel_plans.append(gm.meta["apex4_kernel_plan"])
+        del kernel_plans[:-_MAX_PLANS]
+        log.info("apex4 kernel plan on %s:\n%s", planner.model.spec.name,
+                 format_kernel_plan(kernel_plans[-1]))
+    return compile_fx(gm, example_inputs, config_patches=config)

@@ -9,15 +9,16 @@ A checkpoint is a directory holding
     transformers class and config), the quantized layers and their shapes, the
     float layers with an online input rotation (`RotatedInputLinear`, left by
     `rotate_` where quantize_'s filter skipped a layer), the tied weights,
-    the file's size and sha256, and the quantization metadata (granularity
-    plan, rotation, sensitivity) passed to `save_quantized`.
+    the file's size and sha256, and the quantization metadata passed to
+    `save_quantized`: the granularity plan (`GranularityPlan.to_dict()`, with
+    its per-layer sensitivity) and the rotation.
 
     save_quantized(model, "ckpt", base_model="SmolLM2-135M-Instruct")
     model = load_quantized("ckpt")
-    model.apex4_checkpoint["plan"]
+    model.apex4_checkpoint["plan"]        # a GranularityPlan, or None
 
 Command line:
-    python -m torch_apex4.checkpoint quantize [--model PATH_OR_GGUF] --group-size 128 --out DIR
+    python -m torch_apex4.checkpoint quantize [--model PATH_OR_GGUF] --group-size 128 [--plan PLAN.json] --out DIR
     python -m torch_apex4.checkpoint info DIR
 """
 import argparse
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from .ops import num_groups, padded_k
+from .plan import GranularityPlan, granularity_label, same_layout
 from .quantize import W4A4Config, W4A4Linear, quantize_
 from .rotation import RotatedInputLinear
 
@@ -38,23 +40,25 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "apex4_config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Exposed on the loaded model as `model.apex4_checkpoint`.
-METADATA_KEYS = ("base_model", "plan", "rotation", "sensitivity")
+METADATA_KEYS = ("base_model", "plan", "rotation")
 REQUIRED_FIELDS = ("model_class", "hf_config", "hf_generation_config", "layers", "rotated_float_layers",
                    "tied_weights", "weights", *METADATA_KEYS)
 
 
 # ----------------------------------------------------------------------------- saving
 
-def save_quantized(model: nn.Module, directory, *, base_model: str, plan: dict | None = None,
-                   rotation: dict | None = None, sensitivity: dict | None = None) -> Path:
+def save_quantized(model: nn.Module, directory, *, base_model: str,
+                   plan: GranularityPlan | None = None, rotation: dict | None = None) -> Path:
     """Write `model` (already quantized, e.g. by `quantize_`) to `directory`,
-    created if needed; files already there are replaced. `plan`, `rotation` and
-    `sensitivity` must be JSON-serializable; they are stored as given and come
-    back in `load_quantized(...).apex4_checkpoint`. Returns the directory."""
+    created if needed; files already there are replaced. `plan`: the
+    GranularityPlan the model was quantized with (each layer it names must be a
+    quantized layer at that granularity); `rotation`: JSON-serializable (what
+    rotate_ returns). Both come back in `load_quantized(...).apex4_checkpoint`.
+    Returns the directory."""
     directory = Path(directory)
-    metadata = {"base_model": base_model, "plan": plan, "rotation": rotation, "sensitivity": sensitivity}
-    for key, value in metadata.items():
-        _check_json_serializable(key, value)
+    layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, W4A4Linear)}
+    _check_plan(plan, layers)
+    _check_json_serializable("rotation", rotation)
     tensors, tied = _deduplicated_state_dict(model.state_dict())
 
     from safetensors.torch import save_file
@@ -74,19 +78,32 @@ def save_quantized(model: nn.Module, directory, *, base_model: str, plan: dict |
         "hf_config": hf_config.to_dict() if hf_config is not None else None,
         # Sampling defaults of a model folder's generation_config.json live apart from hf_config.
         "hf_generation_config": generation_config.to_dict() if generation_config is not None else None,
-        "layers": {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, W4A4Linear)},
+        "layers": layers,
         "rotated_float_layers": [name for name, m in model.named_modules()
                                  if isinstance(m, RotatedInputLinear)],
         "tied_weights": tied,
         "weights": {"file": WEIGHTS_FILE, "bytes": weights_path.stat().st_size,
                     "sha256": _sha256(weights_path)},
-        "plan": plan,
+        "plan": None if plan is None else plan.to_dict(),
         "rotation": rotation,
-        "sensitivity": sensitivity,
     }
     # Written last: a directory with a config has complete weights.
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
     return directory
+
+
+def _check_plan(plan, layers: dict):
+    if plan is None:
+        return
+    if not isinstance(plan, GranularityPlan):
+        raise TypeError(f"save_quantized: plan must be a GranularityPlan, got {type(plan).__name__}")
+    for name, granularity in plan.layers.items():
+        if name not in layers:
+            raise ValueError(f"save_quantized: the plan names {name}, which is not a quantized layer "
+                             "of the model")
+        if not same_layout(layers[name]["in_features"], layers[name]["group_size"], granularity):
+            raise ValueError(f"save_quantized: the plan gives {name} {granularity_label(granularity)}, "
+                             f"but the layer is {granularity_label(layers[name]['group_size'])}")
 
 
 def _check_json_serializable(key, value):
@@ -171,7 +188,8 @@ def load_quantized(directory, device="cpu") -> nn.Module:
     """Rebuild the quantized model saved in `directory` on `device`, in eval
     mode, from the checkpoint alone (no base weights, no re-quantization).
     The metadata given to `save_quantized` is returned as the dict attribute
-    `model.apex4_checkpoint` with keys base_model, plan, rotation, sensitivity.
+    `model.apex4_checkpoint` with keys base_model, plan (a GranularityPlan or
+    None) and rotation.
     Raises ValueError when the directory is not a valid checkpoint: missing
     files, unknown format or newer version, checksum mismatch, unreadable
     weights, or weights that disagree with the config."""
@@ -188,6 +206,8 @@ def load_quantized(directory, device="cpu") -> nn.Module:
     _retie(model, tied)
     model.to(device).eval()
     model.apex4_checkpoint = {key: config[key] for key in METADATA_KEYS}
+    if config["plan"] is not None:
+        model.apex4_checkpoint["plan"] = _stored_plan(config["plan"], config["layers"])
     return model
 
 
@@ -208,6 +228,16 @@ def _read_weights(directory: Path, recorded: dict, device) -> dict:
         return load_file(path, device=str(device))
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def _stored_plan(stored: dict, layers: dict) -> GranularityPlan:
+    plan = GranularityPlan.from_dict(stored)  # ValueError naming the problem
+    for name, granularity in plan.layers.items():
+        if name not in layers or not same_layout(layers[name]["in_features"],
+                                                 layers[name]["group_size"], granularity):
+            raise ValueError(f"the checkpoint's plan gives {name} {granularity_label(granularity)}, "
+                             "which disagrees with its layers")
+    return plan
 
 
 def _build_skeleton(config: dict) -> nn.Module:
@@ -341,9 +371,10 @@ def _quantize_command(args):
     model, _ = load_model(model_path, dtype=FLOAT_DTYPES[args.dtype])
     # parameters() yields a tied parameter once.
     float_bytes = sum(p.numel() for p in model.parameters()) * 4
+    plan = GranularityPlan.load(args.plan) if args.plan else None
     quantize_(model, W4A4Config(group_size=args.group_size, act_clip=args.act_clip,
-                                weight_clip=args.weight_clip))
-    directory = save_quantized(model, args.out, base_model=str(model_path))
+                                weight_clip=args.weight_clip), plan=plan)
+    directory = save_quantized(model, args.out, base_model=str(model_path), plan=plan)
     size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
     print(f"wrote {directory}: {size / 2**20:.1f} MiB "
           f"({100 * size / float_bytes:.1f}% of FP32 {float_bytes / 2**20:.1f} MiB, "
@@ -370,9 +401,11 @@ def _info_command(args):
     print(f"rotated float: {len(config['rotated_float_layers'])} layers with an online rotation left in float")
     print(f"tied weights:  {config['tied_weights'] or 'none'}")
     print(f"weights file:  {weights['file']}, {weights['bytes'] / 2**20:.2f} MiB, sha256 {weights['sha256']}")
-    for key in ("plan", "rotation", "sensitivity"):
-        value = config[key]
-        print(f"{key + ':':<14} {'none' if value is None else f'{len(value)} entries'}")
+    plan = config["plan"]
+    print(f"plan:          {'none' if plan is None else GranularityPlan.from_dict(plan).counts()}")
+    rotation = config["rotation"]
+    mode = rotation.get("mode", "recorded") if isinstance(rotation, dict) else "recorded"
+    print(f"rotation:      {'none' if rotation is None else mode}")
 
 
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -393,6 +426,8 @@ def main(argv=None):
                           help="a multiple of 64, or 'channel' for per-channel (default 128)")
     quantize.add_argument("--act-clip", type=float, default=1.0)
     quantize.add_argument("--weight-clip", type=float, default=1.0)
+    quantize.add_argument("--plan", help="GranularityPlan JSON file (plan.py): per-layer "
+                                         "granularities overriding --group-size")
     quantize.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32",
                           help="dtype of the parameters left in floating point (embeddings, norms, LM head)")
     quantize.add_argument("--out", required=True, help="checkpoint directory")

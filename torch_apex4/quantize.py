@@ -1,13 +1,14 @@
 """Model-level quantization: `quantize_(model, W4A4Config(...))` swaps the
 selected nn.Linear layers for W4A4Linear, whose weight is packed INT4 plus fp32
 scales (layout in docs/design.md) and whose forward runs the apex4 ops."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .ops import ops
+from .plan import GranularityPlan
 from .rotation import RotatedInputLinear
 
 
@@ -96,19 +97,42 @@ def _default_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
     return lambda module, name: module is not head and name.split(".")[-1] != "lm_head"
 
 
+def quantize_targets(model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+                     plan: Optional[GranularityPlan] = None) -> dict:
+    """{name: nn.Linear} of the layers quantize_ replaces; ValueError if `plan` names a layer
+    that is not one of them."""
+    accept = filter_fn or _default_filter(model)
+    targets = {name: m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and accept(m, name)}
+    if plan is not None:
+        if not isinstance(plan, GranularityPlan):
+            raise TypeError(f"plan must be a GranularityPlan, got {type(plan).__name__}")
+        unknown = sorted(set(plan.layers) - set(targets))
+        if unknown:
+            raise ValueError(f"the plan names layers that are not linear layers to quantize in "
+                             f"this model: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    return targets
+
+
+def layer_config(config: W4A4Config, plan: Optional[GranularityPlan], name: str) -> W4A4Config:
+    """config with the plan's granularity for layer `name` (config.group_size if unplanned)."""
+    if plan is None or name not in plan.layers:
+        return config
+    return replace(config, group_size=plan.layers[name])
+
+
 def quantize_(model: nn.Module, config: W4A4Config,
-              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+              plan: Optional[GranularityPlan] = None) -> nn.Module:
     """Replace, in place, every nn.Linear that filter_fn(module, name) accepts
-    (default: all but the LM head) with a W4A4Linear. Returns the model."""
+    (default: all but the LM head) with a W4A4Linear, at the granularity `plan`
+    gives the layer (plan.py), else config.group_size. Returns the model."""
     if not isinstance(config, W4A4Config):
         raise TypeError(f"quantize_ expects a W4A4Config, got {type(config).__name__}")
-    accept = filter_fn or _default_filter(model)
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and accept(m, name)]
-    for name, linear in targets:
+    for name, linear in quantize_targets(model, filter_fn, plan).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, W4A4Linear.from_linear(linear, config))
+        setattr(parent, child, W4A4Linear.from_linear(linear, layer_config(config, plan, name)))
     return model
 
 

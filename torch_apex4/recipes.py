@@ -1,59 +1,100 @@
 """Quantization recipes: named ways to turn a float model into a W4A4 one.
 
-Product recipes compose rotation (rotation.py), GPTQ with clip search
-(gptq.py) and a granularity. Peer baselines (`atom-g128`, `quarot-pc`) are
+Product recipes compose smoothing and rotation (rotation.py), GPTQ with clip
+search (gptq.py) and a granularity, or a per-layer plan of granularities
+chosen from measured sensitivity (plan.py). Peer baselines (`atom-g128`, `quarot-pc`) are
 reimplemented on the same ops for comparison only; they are not product modes.
 Every recipe runs the real apex4 kernels at evaluation time, except the INT8
 outlier channels of the Atom baseline, for which apex4 has no kernel (they are
 quantized to INT8 and multiplied in float, which is exact for INT8 products).
 """
+import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .gptq import CLIP_CANDIDATES, calibrate_gptq_
+from .plan import Granularity, GranularityPlan, select_granularities
 from .quantize import W4A4Config, W4A4Linear, _default_filter, quantize_
-from .rotation import rotate_
+from .rotation import rotate_, smooth_
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """rotation: None, "residual" or "online" (rotation.rotate_ modes).
+    """smooth: None, or the α of rotation.smooth_ (per-channel scales moved from the
+    activations into the weights on calibration statistics), applied before the rotation.
+    rotation: None, "residual" or "online" (rotation.rotate_ modes).
     weights: "rtn" or "gptq". Clips: a ratio, or "search" (per layer, on
-    calibration data; GPTQ only)."""
+    calibration data; GPTQ only). sensitivity: granularities at which the
+    calibration also measures each layer's output error (saved in the plan).
+    mixed_budget: a per-layer plan instead of one granularity: that fraction of
+    the layers, those whose error drops most (plan.select_granularities), get
+    mixed_fine, the others group_size; the sensitivity comes from the recipe
+    named by sensitivity_from when the caller passes it, else from a probe
+    calibration at group_size. GPTQ only."""
 
     name: str
     group_size: Optional[int]
     rotation: Optional[str] = None
+    smooth: Optional[float] = None
     weights: str = "rtn"
     weight_clip: object = 1.0
     act_clip: object = 1.0
     act_order: bool = False
+    sensitivity: Tuple[Granularity, ...] = ()
+    mixed_budget: Optional[float] = None
+    mixed_fine: Granularity = 128
+    sensitivity_from: Optional[str] = None
     description: str = ""
+
+    def __post_init__(self):
+        if self.weights == "rtn" and (self.sensitivity or self.mixed_budget is not None):
+            raise ValueError(f"recipe {self.name!r}: sensitivity and mixed plans need GPTQ")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.weights == "gptq"
+        return self.weights == "gptq" or self.smooth is not None
 
-    def apply(self, model: nn.Module, calibration_ids=None, progress=True) -> Dict[str, dict]:
-        """Quantizes model in place; returns per-layer statistics (empty for RTN)."""
+    def apply(self, model: nn.Module, calibration_ids=None, progress=True,
+              sensitivity: Optional[Dict[str, Dict[str, float]]] = None
+              ) -> Tuple[GranularityPlan, Dict[str, dict]]:
+        """Quantizes model in place; returns (the plan it followed, with the sensitivity
+        measured, and per-layer statistics: empty for RTN). `sensitivity`: for a mixed recipe,
+        that measured by its sensitivity_from recipe (skips the probe calibration)."""
+        if self.needs_calibration and calibration_ids is None:
+            raise ValueError(f"recipe {self.name!r} needs calibration ids")
+        if self.smooth is not None:
+            smooth_(model, calibration_ids, self.smooth)
         if self.rotation:
             rotate_(model, self.rotation)
         fixed = W4A4Config(self.group_size,
                            act_clip=1.0 if self.act_clip == "search" else self.act_clip,
                            weight_clip=1.0 if self.weight_clip == "search" else self.weight_clip)
+        stats, plan = {}, None
         if self.weights == "rtn":
             quantize_(model, fixed)
-            return {}
-        if calibration_ids is None:
-            raise ValueError(f"recipe {self.name!r} needs calibration ids")
-        return calibrate_gptq_(
-            model, calibration_ids, fixed, progress=progress,
-            weight_clip_candidates=CLIP_CANDIDATES if self.weight_clip == "search" else None,
-            act_clip_candidates=CLIP_CANDIDATES if self.act_clip == "search" else None,
-            act_order=self.act_order)
+        else:
+            options = dict(
+                progress=progress, act_order=self.act_order,
+                weight_clip_candidates=CLIP_CANDIDATES if self.weight_clip == "search" else None,
+                act_clip_candidates=CLIP_CANDIDATES if self.act_clip == "search" else None)
+            if self.mixed_budget is not None:
+                if sensitivity is None:
+                    probe = calibrate_gptq_(copy.deepcopy(model), calibration_ids, fixed,
+                                            sensitivity_granularities=(self.group_size,
+                                                                       self.mixed_fine),
+                                            **options)
+                    sensitivity = {name: s["sensitivity"] for name, s in probe.items()}
+                plan = GranularityPlan(select_granularities(
+                    sensitivity, self.mixed_budget, self.mixed_fine, self.group_size), sensitivity)
+            stats = calibrate_gptq_(model, calibration_ids, fixed, plan=plan,
+                                    sensitivity_granularities=self.sensitivity, **options)
+        layers = {n: m.group_size for n, m in model.named_modules() if isinstance(m, W4A4Linear)}
+        measured = plan.sensitivity if plan is not None else {
+            name: s["sensitivity"] for name, s in stats.items() if "sensitivity" in s}
+        return GranularityPlan(layers, measured), stats
 
 
 class AtomLinear(nn.Module):
@@ -121,15 +162,19 @@ RECIPES = {r.name: r for r in [
            description="online Hadamard on every linear input, RTN, act clip 0.9"),
     Recipe("rot-rtn-g128", 128, rotation="online", act_clip=0.9,
            description="online Hadamard on every linear input, RTN, act clip 0.9"),
-    # The best measured on SmolLM2 (8,192 tokens of Emma, FP32 31.38): residual
-    # rotation + GPTQ (act_order) + per-layer clip searches, g128 44.17 (1.41x),
-    # per-channel 49.21 (1.57x). Without rotation the clip search hurts instead.
-    Recipe("apex4-pc", None, rotation="residual", weights="gptq", weight_clip="search",
-           act_clip="search", act_order=True,
-           description="residual Hadamard + GPTQ (act order) + per-layer clip search"),
-    Recipe("apex4-g128", 128, rotation="residual", weights="gptq", weight_clip="search",
-           act_clip="search", act_order=True,
-           description="residual Hadamard + GPTQ (act order) + per-layer clip search"),
+    # Measured on SmolLM2 (docs/accuracy.md): smoothing (α = 0.5) before an online Hadamard
+    # rotation of every linear input, then GPTQ (act order) with per-layer clip searches.
+    Recipe("apex4-pc", None, smooth=0.5, rotation="online", weights="gptq", weight_clip="search",
+           act_clip="search", act_order=True, sensitivity=(None, 128),
+           description="smoothing + online Hadamard + GPTQ (act order) + clip search; "
+                       "measures pc/g128 sensitivity"),
+    Recipe("apex4-g128", 128, smooth=0.5, rotation="online", weights="gptq",
+           weight_clip="search", act_clip="search", act_order=True,
+           description="smoothing + online Hadamard + GPTQ (act order) + clip search"),
+    Recipe("apex4-mixed", None, smooth=0.5, rotation="online", weights="gptq",
+           weight_clip="search", act_clip="search", act_order=True, mixed_budget=0.25,
+           mixed_fine=128, sensitivity_from="apex4-pc",
+           description="as apex4-pc, g128 on the 25% of layers whose error drops most"),
     Recipe("quarot-pc", None, rotation="residual", weights="gptq", act_clip=0.9,
            description="baseline: QuaRot-style residual rotation + GPTQ, act clip 0.9"),
 ]}

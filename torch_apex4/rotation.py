@@ -161,3 +161,99 @@ def rotate_(model: nn.Module, mode: str = "residual") -> dict:
     names = [n for n, m in model.named_modules() if n.endswith((".o_proj", ".down_proj"))]
     _rotate_online(model, names)
     return {"mode": "residual", "online_layers": names}
+
+
+# ------------------------------------------------------------------------------------------
+# Smoothing: per-channel input scales moved between activations and weights (SmoothQuant),
+# placed before the online rotation (as in SmoothRot).
+
+
+def _smoothing_scales(rms: torch.Tensor, readers, alpha: float) -> torch.Tensor:
+    """s_j = a_j^α / w_j^(1−α), normalised to geometric mean 1: a_j the RMS of input channel j
+    over calibration tokens, w_j the norm of the readers' column j, each reader's columns
+    weighted by 1 / its Frobenius norm (an error relative to each reader's output counts
+    alike). After a rotation, the INT4 noise of activations and weights both scale with
+    (Σ a_j² / s_j²)(Σ w_j² s_j²), which α = 0.5 minimises."""
+    w2 = sum(r.float().square().sum(0) / r.float().square().sum() for r in readers)
+    a, w = rms.float(), w2.sqrt()
+    a = a.clamp_min(a.max() * 1e-5)
+    w = w.clamp_min(w.max() * 1e-5)
+    scales = a.pow(alpha) / w.pow(1.0 - alpha)
+    return scales / scales.log().mean().exp()
+
+
+def _scale_columns(linear, scales):
+    linear.weight.data = (linear.weight.data.float() * scales).to(linear.weight.dtype)
+
+
+def _scale_rows(linear, scales):
+    linear.weight.data = (linear.weight.data.float() / scales[:, None]).to(linear.weight.dtype)
+    if linear.bias is not None:
+        linear.bias.data = (linear.bias.data.float() / scales).to(linear.bias.dtype)
+
+
+def _input_rms(model, calibration_ids, modules, batch_size):
+    """RMS over the calibration tokens of each input channel of each module."""
+    sums = {m: torch.zeros(m.in_features, dtype=torch.float64) for m in modules}
+    count = [0]
+
+    def hook(module, args):
+        x = args[0].detach().reshape(-1, module.in_features)
+        sums[module] += x.double().square().sum(0).cpu()
+        if module is modules[0]:
+            count[0] += x.shape[0]
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        for batch in calibration_ids.split(batch_size):
+            model(batch.to(modules[0].weight.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {m: (total / count[0]).sqrt().to(m.weight.device) for m, total in sums.items()}
+
+
+@torch.no_grad()
+def smooth_(model: nn.Module, calibration_ids: torch.Tensor, alpha: float = 0.5,
+            batch_size: int = 8) -> dict:
+    """Moves per-channel scales s (see _smoothing_scales) from every linear input of a
+    Llama-style model into the weights, exactly in float: x → x / s, W → W diag(s), with
+    1 / s folded into the producer of x: the RMSNorm weight (q/k/v and gate/up inputs), the
+    v_proj rows (o_proj input, per key/value head channel) and the up_proj rows (down_proj
+    input). Before `rotate_(model, "online")` (the residual mode would fold the norm scales
+    back into the weights). Returns {"alpha": alpha}, for checkpoints."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smooth_: alpha must be in [0, 1], got {alpha}")
+    if any(isinstance(m, RotatedInputLinear) for m in model.modules()):
+        raise ValueError("smooth_: smooth before rotating, not after")
+    if not _structure_known(model):
+        raise ValueError("smooth_: only Llama-style models are supported "
+                         f"(model types {', '.join(KNOWN_MODEL_TYPES)})")
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layers = _decoder_layers(model)
+    modules = [m for layer in layers for m in (layer.self_attn.q_proj, layer.self_attn.o_proj,
+                                               layer.mlp.gate_proj, layer.mlp.down_proj)]
+    rms = _input_rms(model, calibration_ids, modules, batch_size)
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                              (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+            scales = _smoothing_scales(rms[readers[0]], [r.weight.data for r in readers], alpha)
+            norm.weight.data = (norm.weight.data.float() / scales).to(norm.weight.dtype)
+            for reader in readers:
+                _scale_columns(reader, scales)
+        # o_proj input channel (h, d) is value channel (h // (heads / kv_heads), d).
+        grouped = (heads // kv_heads, head_dim)
+        o_rms = rms[attn.o_proj].reshape(kv_heads, *grouped).square().mean(1).sqrt().reshape(-1)
+        o_columns = attn.o_proj.weight.data.float().reshape(-1, kv_heads, *grouped)
+        o_columns = o_columns.square().sum(2).sqrt().reshape(-1, kv_heads * head_dim)
+        value_scales = _smoothing_scales(o_rms, [o_columns], alpha)
+        _scale_rows(attn.v_proj, value_scales)
+        _scale_columns(attn.o_proj, value_scales.reshape(kv_heads, 1, head_dim)
+                       .expand(kv_heads, grouped[0], head_dim).reshape(-1))
+        scales = _smoothing_scales(rms[mlp.down_proj], [mlp.down_proj.weight.data], alpha)
+        _scale_rows(mlp.up_proj, scales)
+        _scale_columns(mlp.down_proj, scales)
+    return {"alpha": alpha}

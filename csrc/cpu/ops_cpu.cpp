@@ -47,11 +47,7 @@ std::tuple<at::Tensor, at::Tensor> hadamard_quantize_act_cpu(const at::Tensor& x
 }
 
 at::Tensor hadamard_cpu(const at::Tensor& x, const at::Tensor& factor) {
-  TORCH_CHECK_TYPE(is_float_act(x.scalar_type()),
-                   "apex4: hadamard expects a float16, bfloat16 or float32 tensor, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "apex4: hadamard expects a last dimension");
-  const int64_t m = check_rotation(x, factor);
+  const int64_t m = check_hadamard_args(x, factor);
   const at::Tensor xc = x.contiguous();
   const at::Tensor fc = factor.contiguous();
   at::Tensor y = at::empty_like(xc);

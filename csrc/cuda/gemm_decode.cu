@@ -1,44 +1,44 @@
 // The decode GEMM path (any architecture, M <= 16 when picked automatically),
-// and the fused decode w4a4_linear.
+// and the decode w4a4_linear: the quantize kernel, then the decode GEMM as its
+// programmatic dependent.
 #include "cuda/gemm_decode.cuh"
 
 namespace apex4::cuda {
+namespace {
 
-cudaError_t launch_gemm_decode(const GemmParams& p, cudaStream_t stream) {
-  const PackedActivations activations{p.a, p.a_scale, p.kp / 2, p.groups, 0};
-  return launch_gemm_decode_for(p, activations, 0, 0, stream);
-}
-
-template <typename T>
-cudaError_t launch_linear_decode_typed(const GemmParams& p, const T* x, int64_t k,
-                                       float clip_ratio, cudaStream_t stream) {
-  using Activations = QuantizingActivations<T>;
-  const bool staged = Activations::can_stage(k, reinterpret_cast<uintptr_t>(x));
-  const Activations activations{x,       k,       p.kp,    p.kp / p.groups, clip_ratio, staged,
-                                nullptr, nullptr, nullptr, p.groups};
-  const size_t smem = static_cast<size_t>(Activations::smem_bytes(p.m, k, p.kp, p.groups, staged));
-  // Two blocks per SM, each walking several row tiles: x is quantized once per
-  // block rather than once per 16 weight rows.
+// Blocks of the decode GEMM: two per SM (registers and the ring's shared
+// memory), each walking row tiles, so that its ring runs on from one tile
+// into the next.
+cudaError_t decode_row_blocks(int* blocks, int* major) {
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    err = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
   }
+  *blocks = 2 * sms;
+  return err;
+}
+
+}  // namespace
+
+cudaError_t launch_gemm_decode(const GemmParams& p, cudaStream_t stream) {
+  int blocks = 0, major = 0;
+  const cudaError_t err = decode_row_blocks(&blocks, &major);
   if (err != cudaSuccess) return err;
-  return launch_gemm_decode_for(p, activations, smem, 2 * sms, stream);
+  return launch_gemm_decode_for(p, blocks, false, stream);
 }
 
 cudaError_t launch_linear_decode(const GemmParams& p, const void* x, FloatKind x_kind, int64_t k,
                                  float clip_ratio, cudaStream_t stream) {
-  switch (x_kind) {
-    case FloatKind::kF16:
-      return launch_linear_decode_typed(p, static_cast<const __half*>(x), k, clip_ratio, stream);
-    case FloatKind::kBF16:
-      return launch_linear_decode_typed(p, static_cast<const __nv_bfloat16*>(x), k, clip_ratio,
-                                        stream);
-    default:
-      return launch_linear_decode_typed(p, static_cast<const float*>(x), k, clip_ratio, stream);
-  }
+  int blocks = 0, major = 0;
+  cudaError_t err = decode_row_blocks(&blocks, &major);
+  if (err != cudaSuccess) return err;
+  err = launch_quantize(x, x_kind, p.m, k, p.kp, p.kp / p.groups, clip_ratio,
+                        const_cast<uint8_t*>(p.a), const_cast<float*>(p.a_scale), stream);
+  if (err != cudaSuccess) return err;
+  // Programmatic dependent launch needs compute capability 9.0.
+  return launch_gemm_decode_for(p, blocks, major >= 9, stream);
 }
 
 }  // namespace apex4::cuda

@@ -2,23 +2,25 @@
 //
 // The weight is the MMA's A operand (16 weight rows = the MMA's M) and the
 // tokens its B operand (8 tokens = the MMA's N), so a 16-token step wastes no
-// MMA rows. A block owns 16 weight rows (a row tile) and all of K, split
-// across its warps in batches of 64-value chunks (warp w takes batches w,
-// w + kWarps, ...); each warp loads a whole batch -- 8 bytes per row and
-// thread, 256 contiguous bytes per weight row with one token tile -- before
-// using any of it, so many loads are in flight. Weights come straight from
-// global memory into registers (each byte is used by exactly one MMA, nothing
-// to share through shared memory); the warps' partial sums are reduced in
-// shared memory in warp order, so the result is deterministic. Per channel
-// the partials are int32 and the reduction is exact; per group each warp
-// scales its partials at every group end (or batch end, for groups longer
-// than a batch) into fp32.
+// MMA rows. A block owns tiles of 16 weight rows and all of K. The weights
+// and the block's activation rows stream through a ring of shared-memory
+// stages (1 KB of K of each row): on Hopper warp 0 fills a stage with one
+// bulk copy (cp.async.bulk) per row, completing on the stage's mbarrier,
+// elsewhere all threads with cp.async; the ring keeps several stages -- tens
+// of KB per block, up to the whole weight of small layers -- in flight, and
+// runs on into the block's next row tile. Each warp multiplies 4 of a stage's
+// 32 chunks of 64 values, from shared memory into MMA fragments; rows are
+// stored 1056 bytes apart so that the 8-byte fragment loads of 8 rows hit
+// distinct banks. The warps' partial sums are reduced in shared memory in
+// warp order, so the result is deterministic. Per channel the partials are
+// int32 and the reduction is exact; per group each warp scales its partials
+// at every group end (or stage end, for groups longer than a warp's 4 chunks)
+// into fp32.
 //
-// The activations come from an activation source (below): packed a_q / a_s
-// in global memory (w4a4_gemm), or x itself, which the block quantizes into
-// shared memory first (the fused w4a4_linear): the same packed values and
-// scales, bit for bit, so the same output bits. A fused block walks several
-// row tiles (grid-stride), so each block quantizes x once for all of them.
+// The kernel waits for the grid it depends on (griddepcontrol.wait) only
+// after issuing its first weight stages, before the first read of the
+// activations: w4a4_linear launches it as a programmatic dependent of the
+// quantize kernel, so x is quantized once while the weights stream in.
 //
 // Fragment placement: thread (groupID g, threadID_in_group t) loads bytes
 // [8t, 8t+8) of a chunk's 32 bytes, i.e. K values 16t..16t+15: its low word
@@ -31,180 +33,168 @@
 
 #include "apex4/int4.h"
 #include "cuda/mma.cuh"
-#include "cuda/quantize.cuh"
 
 namespace apex4::cuda {
 
 namespace decode {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kRows = 16;  // weight rows per block: the MMA's M
-constexpr int kChunkBytes = 32;
-// 64-value K chunks a warp loads at once: 256 bytes per weight row (two
-// cache lines) with one token tile; halved with two, whose activation loads
-// would otherwise push a thread past the 128 registers of two blocks per SM.
-template <int kTokenTiles>
-constexpr int kChunksPerBatch = 8 / kTokenTiles;
-static_assert(kThreads == kQuantizeThreads, "the fused kernel quantizes with the whole block");
+constexpr int kRows = 16;  // weight rows per tile: the MMA's M
+constexpr int kChunkBytes = 32;  // 64 values: one k64 step
+constexpr int kStageBytes = 1024;  // of each weight row per ring stage
+constexpr int kStageChunks = kStageBytes / kChunkBytes;
+constexpr int kWarpChunks = kStageChunks / kWarps;  // a warp's chunks of a stage
+// Row pitch in a stage: 32 bytes past a multiple of 128, so the 8-byte loads
+// of rows g = 0..7 (bytes 8t..8t+7 of one chunk) fill 32 banks twice over.
+constexpr int kRowPitch = kStageBytes + 32;
+constexpr int kStageSmem = kRows * kRowPitch;
+constexpr int kMaxStages = 6;
+static_assert(kStageChunks % kWarps == 0, "a stage's chunks split evenly over the warps");
 }  // namespace decode
 
-// Where the decode kernel's activations come from. begin() runs before the
-// block's first weight loads are issued and finish() after, so loads begin()
-// issues are served first.
+// The stages of one block: a ring of `stages` slots in shared memory through
+// which the block's sequence of (row tile, K stage) items streams, each slot
+// holding 16 weight rows and then the block's token rows. Item i goes to slot
+// i % stages; its slot is refilled once every thread has consumed it.
+struct StageRing {
+  uint8_t* smem;
+  int stages, slot_bytes;
+  int first_tile, tile_step, tiles;  // the block's row tiles
+  int stages_per_tile;
+  int n, row_bytes, tokens;
+  const uint8_t* w;
+  const uint8_t* a;  // the block's first token row
+#if defined(APEX4_SM90A)
+  uint64_t* full;  // [stages] mbarriers: a slot's bytes have landed
+#endif
 
-// Activations already quantized, in global memory (w4a4_gemm).
-struct PackedActivations {
-  const uint8_t* a;
-  const float* a_scale;
-  int row_bytes, groups;
-  int tok0;  // the block's first token
-
-  __device__ __forceinline__ void begin(uint8_t*, int tok0_, int) { tok0 = tok0_; }
-  __device__ __forceinline__ void finish(int) {}
-  // 8 bytes of token tok0 + tok's packed row, from byte `byte` on.
-  __device__ __forceinline__ uint2 load(int tok, int byte) const {
-    const uint8_t* row = a + static_cast<int64_t>(tok0 + tok) * row_bytes;
-    return __ldg(reinterpret_cast<const uint2*>(row + byte));
+  __device__ __forceinline__ int items() const { return tiles * stages_per_tile; }
+  __device__ __forceinline__ uint8_t* slot(int i) const {
+    return smem + (i % stages) * slot_bytes;
   }
-  __device__ __forceinline__ float scale(int tok, int group) const {
-    return __ldg(a_scale + static_cast<int64_t>(tok0 + tok) * groups + group);
+  __device__ __forceinline__ int k_byte(int i) const {
+    return i % stages_per_tile * decode::kStageBytes;
   }
-};
-
-// x [M, k] of float type T, quantized by each block into its shared memory
-// (the fused w4a4_linear). Shared memory holds the scales' bits for `tokens`
-// rows, the packed rows (packed_stride bytes apart), then, where x's rows
-// are 16-byte aligned (`staged`), a raw copy of x that begin() requests with
-// cp.async ahead of the weights and finish() quantizes from.
-template <typename T>
-struct QuantizingActivations {
-  const T* x;
-  int64_t k;
-  int kp, group_len;
-  float clip_ratio;
-  bool staged;
-  const uint32_t* scale_bits;
-  uint8_t* packed;
-  const T* raw;
-  int groups;
-
-  // Packed rows 32 bytes past a multiple of 128 apart: the 8 token rows one
-  // 8-byte load instruction reads then fill the 32 banks twice over, the
-  // fewest wavefronts for 256 bytes.
-  static constexpr int64_t packed_stride(int64_t kp) {
-    const int64_t bytes = kp / 2;
-    return bytes + (32 - bytes % 128 + 128) % 128;
+  __device__ __forceinline__ int bytes(int i) const {
+    return min(decode::kStageBytes, row_bytes - k_byte(i));
   }
-  static constexpr int64_t packed_offset(int64_t tokens, int64_t groups) {
-    return (tokens * groups * 4 + 15) / 16 * 16;
-  }
-  static constexpr int64_t raw_offset(int64_t tokens, int64_t kp, int64_t groups) {
-    return packed_offset(tokens, groups) + tokens * packed_stride(kp);
-  }
-  static constexpr bool can_stage(int64_t k, uintptr_t x) {
-    return k * static_cast<int64_t>(sizeof(T)) % 16 == 0 && x % 16 == 0;
-  }
-  static constexpr int64_t smem_bytes(int64_t tokens, int64_t k, int64_t kp, int64_t groups,
-                                      bool staged) {
-    const int64_t raw_bytes = tokens * k * static_cast<int64_t>(sizeof(T));
-    return raw_offset(tokens, kp, groups) + (staged ? raw_bytes : 0);
-  }
-
-  __device__ __forceinline__ void begin(uint8_t* smem, int tok0, int tokens) {
-    groups = kp / group_len;
-    scale_bits = reinterpret_cast<const uint32_t*>(smem);
-    packed = smem + packed_offset(tokens, groups);
-    x += tok0 * k;
-    if (staged) {
-      uint8_t* copy = smem + raw_offset(tokens, kp, groups);
-      const int chunks = static_cast<int>(tokens * k * static_cast<int64_t>(sizeof(T)) / 16);
-      for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-        cp_async_16(shared_addr(copy + 16 * c), reinterpret_cast<const uint8_t*>(x) + 16 * c, true);
+  // Copies `rows` rows of `bytes` from src (row_bytes apart) to dst (kRowPitch apart).
+  __device__ __forceinline__ void copy_rows(uint8_t* dst, const uint8_t* src, int rows, int bytes,
+                                            int i) const {
+#if defined(APEX4_SM90A)
+    if (threadIdx.x < 32) {  // warp 0, a row per lane
+      const uint32_t bar = shared_addr(full + i % stages);
+      for (int r = threadIdx.x; r < rows; r += 32) {
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+            " [%0], [%1], %2, [%3];\n" ::"r"(shared_addr(dst + r * decode::kRowPitch)),
+            "l"(src + static_cast<int64_t>(r) * row_bytes), "r"(bytes), "r"(bar)
+            : "memory");
       }
-      cp_async_commit();
-      raw = reinterpret_cast<const T*>(copy);
     }
-  }
-  __device__ __forceinline__ void finish(int tokens) {
-    uint32_t* scales = const_cast<uint32_t*>(scale_bits);
-    const int stride = static_cast<int>(packed_stride(kp));
-    if (staged) {
-      cp_async_wait<0>();
-      __syncthreads();
-      quantize_rows_in_block<T, false>(raw, k, kp, group_len, clip_ratio, true, tokens, packed,
-                                       stride, scales);
-    } else {
-      quantize_rows_in_block<T, true>(x, k, kp, group_len, clip_ratio, false, tokens, packed,
-                                      stride, scales);
+#else
+    const int pieces = bytes / 16;
+    for (int c = threadIdx.x; c < rows * pieces; c += decode::kThreads) {
+      const int r = c / pieces, piece = c % pieces;
+      cp_async_16(shared_addr(dst + r * decode::kRowPitch + 16 * piece),
+                  src + static_cast<int64_t>(r) * row_bytes + 16 * piece, true);
     }
+#endif
   }
-  __device__ __forceinline__ uint2 load(int tok, int byte) const {
-    return *reinterpret_cast<const uint2*>(packed + tok * packed_stride(kp) + byte);
+  // Item i's weight rows; the slot then also waits for its token rows.
+  __device__ __forceinline__ void fill_weights(int i) const {
+    if (i >= items()) return;
+    const int tile = first_tile + i / stages_per_tile * tile_step;
+    const int rows = min(decode::kRows, n - tile * decode::kRows);
+#if defined(APEX4_SM90A)
+    if (threadIdx.x == 0) {
+      mbarrier_arrive_expect_tx(shared_addr(full + i % stages),
+                                static_cast<uint32_t>((rows + tokens) * bytes(i)));
+    }
+    __syncwarp();  // the expected bytes are set before warp 0 issues the copies
+#endif
+    copy_rows(slot(i), w + static_cast<int64_t>(tile) * decode::kRows * row_bytes + k_byte(i),
+              rows, bytes(i), i);
   }
-  __device__ __forceinline__ float scale(int tok, int group) const {
-    return __uint_as_float(scale_bits[tok * groups + group]);
+  __device__ __forceinline__ void fill_tokens(int i) const {
+    if (i >= items()) return;
+    copy_rows(slot(i) + decode::kRows * decode::kRowPitch, a + k_byte(i), tokens, bytes(i), i);
+  }
+  // Waits until item i's bytes are in its slot (visible to this thread).
+  __device__ __forceinline__ void wait(int i) const {
+#if defined(APEX4_SM90A)
+    mbarrier_wait(shared_addr(full + i % stages), (i / stages) & 1);
+#else
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+#endif
   }
 };
 
-template <int kTokenTiles, bool kGrouped, class Activations>
+// Shared memory of a ring slot for a block of `tokens` tokens (at most).
+constexpr int decode_slot_bytes(int tokens) { return (decode::kRows + tokens) * decode::kRowPitch; }
+
+template <int kTokenTiles, bool kGrouped>
 __global__ void __launch_bounds__(decode::kThreads, 2)
-    gemm_decode_kernel(const GemmParams p, const Activations activations) {
+    gemm_decode_kernel(const GemmParams p, int stages) {
   using Mma = Int8Mma;
   using Partial = std::conditional_t<kGrouped, float, int>;
   __shared__ Partial partials[decode::kWarps][kTokenTiles][4][32];
-  extern __shared__ __align__(16) uint8_t activation_smem[];
+  extern __shared__ __align__(128) uint8_t smem[];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int tok0 = blockIdx.y * 8 * kTokenTiles;
   const int tokens = min(p.m - tok0, 8 * kTokenTiles);
   const int row_tiles = (p.n + decode::kRows - 1) / decode::kRows;
-  const int row_bytes = p.kp / 2;
   const int chunks = p.kp / 64;
   const int steps_per_group = p.kp / p.groups / 64;
-  constexpr int kBatch = decode::kChunksPerBatch<kTokenTiles>;
-  constexpr int kBatchStride = decode::kWarps * kBatch;
+
+  StageRing ring;
+  ring.smem = smem;
+  ring.stages = stages;
+  ring.slot_bytes = decode_slot_bytes(min(p.m, 8 * kTokenTiles));
+  ring.first_tile = blockIdx.x;
+  ring.tile_step = gridDim.x;
+  ring.tiles = (row_tiles - 1 - blockIdx.x) / gridDim.x + 1;
+  ring.row_bytes = p.kp / 2;
+  ring.stages_per_tile = (ring.row_bytes + decode::kStageBytes - 1) / decode::kStageBytes;
+  ring.n = p.n;
+  ring.tokens = tokens;
+  ring.w = p.w;
+  ring.a = p.a + static_cast<int64_t>(tok0) * ring.row_bytes;
+#if defined(APEX4_SM90A)
+  __shared__ uint64_t full[decode::kMaxStages];
+  ring.full = full;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) mbarrier_init(shared_addr(full + s), 1);
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+#endif
+
+  // Weights first; the activations (and their scales) only once the grid
+  // that writes them (if launched as its dependent) has finished.
+  for (int i = 0; i < stages; ++i) ring.fill_weights(i);
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+  for (int i = 0; i < stages; ++i) ring.fill_tokens(i);
 
   bool a_ok[kTokenTiles];
 #pragma unroll
   for (int tt = 0; tt < kTokenTiles; ++tt) a_ok[tt] = tt * 8 + g < tokens;
-
-  const uint8_t* w_row[2];
-  bool w_ok[2];
-  auto set_row_tile = [&](int tile) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int n = tile * decode::kRows + g + 8 * h;
-      w_ok[h] = n < p.n;
-      w_row[h] = p.w + static_cast<int64_t>(w_ok[h] ? n : 0) * row_bytes + 8 * t;
-    }
-  };
-  uint2 wv[kBatch][2];
-  auto load_weights = [&](int c0) {
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
-      const bool in_k = c0 + i < chunks;
-      const int64_t offset = static_cast<int64_t>(c0 + i) * decode::kChunkBytes;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        wv[i][h] = in_k && w_ok[h] ? load_streaming_8(w_row[h] + offset) : make_uint2(0, 0);
-      }
-    }
+  auto act_scale = [&](int tok, int group) {
+    return __ldg(p.a_scale + static_cast<int64_t>(tok0 + tok) * p.groups + group);
   };
 
-  // The first batch of weights is in flight while the activations are
-  // prepared (quantized, for the fused kernel); their own loads go first.
-  Activations act = activations;
-  act.begin(activation_smem, tok0, tokens);
-  set_row_tile(blockIdx.x);
-  const bool first_batch_loaded = blockIdx.x < row_tiles && warp * kBatch < chunks;
-  if (first_batch_loaded) load_weights(warp * kBatch);
-  act.finish(tokens);
-
-  bool weights_loaded = first_batch_loaded;
+  int item = 0;
   for (int tile = blockIdx.x; tile < row_tiles; tile += gridDim.x) {
     const int n0 = tile * decode::kRows;
-    set_row_tile(tile);
+    bool w_ok[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) w_ok[h] = n0 + g + 8 * h < p.n;
     int acc[kTokenTiles][4] = {};
     float facc[kTokenTiles][4] = {};  // per group only
 
@@ -220,7 +210,7 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int tok = tt * 8 + 2 * t + j;
-          const float sa = tok < tokens ? act.scale(tok, group) * Mma::kInvAccScale : 0.0f;
+          const float sa = tok < tokens ? act_scale(tok, group) * Mma::kInvAccScale : 0.0f;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int i = 2 * h + j;  // c[i]: weight row g + 8h, token 2t + j
@@ -231,59 +221,57 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
       }
     };
 
-    for (int c0 = warp * kBatch; c0 < chunks; c0 += kBatchStride) {
-      if (!weights_loaded) load_weights(c0);
-      weights_loaded = false;
-      uint2 av[kBatch][kTokenTiles];
+    for (int s = 0; s < ring.stages_per_tile; ++s, ++item) {
+      // This warp's chunks of the stage: c0 .. c_end - 1 (of K).
+      const int c0 = s * decode::kStageChunks + warp * decode::kWarpChunks;
+      const int c_end = min(chunks, c0 + decode::kWarpChunks);
+      ring.wait(item);
+      const uint8_t* rows =
+          ring.slot(item) + warp * decode::kWarpChunks * decode::kChunkBytes + 8 * t;
 #pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        const bool in_k = c0 + i < chunks;
-#pragma unroll
-        for (int tt = 0; tt < kTokenTiles; ++tt) {
-          const int byte = (c0 + i) * decode::kChunkBytes + 8 * t;
-          av[i][tt] = in_k && a_ok[tt] ? act.load(tt * 8 + g, byte) : make_uint2(0, 0);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
+      for (int i = 0; i < decode::kWarpChunks; ++i) {
         const int c = c0 + i;
-        if (c >= chunks) break;
-        const uint32_t words[4] = {wv[i][0].x, wv[i][1].x, wv[i][0].y, wv[i][1].y};
+        if (c >= c_end) break;
+        const uint8_t* chunk = rows + i * decode::kChunkBytes;
+        uint2 wv[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          wv[h] = w_ok[h] ? *reinterpret_cast<const uint2*>(chunk + (g + 8 * h) * decode::kRowPitch)
+                          : make_uint2(0, 0);
+        }
+        const uint32_t words[4] = {wv[0].x, wv[1].x, wv[0].y, wv[1].y};
         const typename Mma::A a = Mma::a_operand(words);
 #pragma unroll
         for (int tt = 0; tt < kTokenTiles; ++tt) {
-          const typename Mma::B b = Mma::b_operand(av[i][tt].x, av[i][tt].y);
+          const uint2 av = a_ok[tt] ? *reinterpret_cast<const uint2*>(
+                                          chunk + (decode::kRows + tt * 8 + g) * decode::kRowPitch)
+                                    : make_uint2(0, 0);
+          const typename Mma::B b = Mma::b_operand(av.x, av.y);
 #pragma unroll
           for (int step = 0; step < Mma::kSteps; ++step) Mma::mma(acc[tt], a, b, step);
         }
         if constexpr (kGrouped) {
-          // The warp's next batch lies kBatchStride chunks further on, so a group
-          // longer than what is left of this batch is flushed in pieces.
-          if ((c + 1) % steps_per_group == 0 || i == kBatch - 1 || c + 1 == chunks) {
-            flush_group(c / steps_per_group);
+          // A group longer than the warp's chunks of this stage is flushed in pieces.
+          if ((c + 1) % steps_per_group == 0 || c + 1 == c_end) flush_group(c / steps_per_group);
+        }
+      }
+      if (s == ring.stages_per_tile - 1) {
+#pragma unroll
+        for (int tt = 0; tt < kTokenTiles; ++tt) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            if constexpr (kGrouped) {
+              partials[warp][tt][i][lane] = facc[tt][i];
+            } else {
+              partials[warp][tt][i][lane] = acc[tt][i];
+            }
           }
         }
       }
+      __syncthreads();  // the slot is free (and the tile's partials written)
+      ring.fill_weights(item + stages);
+      ring.fill_tokens(item + stages);
     }
-    // The next row tile's first batch is in flight during this one's reduction.
-    if (tile + gridDim.x < row_tiles && warp * kBatch < chunks) {
-      set_row_tile(tile + gridDim.x);
-      load_weights(warp * kBatch);
-      weights_loaded = true;
-    }
-
-#pragma unroll
-    for (int tt = 0; tt < kTokenTiles; ++tt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if constexpr (kGrouped) {
-          partials[warp][tt][i][lane] = facc[tt][i];
-        } else {
-          partials[warp][tt][i][lane] = acc[tt][i];
-        }
-      }
-    }
-    __syncthreads();
 
     // One thread per output element of the tile: sum the warps' partials in
     // warp order, then scale (per channel) and add the bias (or 0) like the
@@ -301,7 +289,7 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
           v = total;
         } else {
           // 0 + float(P) * (sa * sw), rounded like the CPU kernel.
-          const float s = (act.scale(tok, 0) * Mma::kInvAccScale) * p.w_scale[n];
+          const float s = (act_scale(tok, 0) * Mma::kInvAccScale) * p.w_scale[n];
           v = __fadd_rn(0.0f, __fmul_rn(static_cast<float>(total), s));
         }
         v = __fadd_rn(v, p.bias != nullptr ? load_float(p.bias, p.bias_kind, n) : 0.0f);
@@ -313,32 +301,58 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
 }
 
 // Grid: one block per row tile (fewer, each walking several, with
-// max_row_blocks > 0) and per 8 * kTokenTiles tokens.
-template <int kTokenTiles, bool kGrouped, class Activations>
-cudaError_t launch_gemm_decode_shape(const GemmParams& p, const Activations& activations,
-                                     size_t smem_bytes, int max_row_blocks, cudaStream_t stream) {
+// max_row_blocks > 0) and per 8 * kTokenTiles tokens. The ring gets as many
+// stages as a block has items, at most kMaxStages and what fits two blocks
+// per SM. programmatic: launched as a programmatic dependent of the kernel
+// before it on the stream (compute capability 9.0+).
+template <int kTokenTiles, bool kGrouped>
+cudaError_t launch_gemm_decode_shape(const GemmParams& p, int max_row_blocks, bool programmatic,
+                                     cudaStream_t stream) {
   constexpr int kTokens = 8 * kTokenTiles;
-  const auto kernel = gemm_decode_kernel<kTokenTiles, kGrouped, Activations>;
-  // Static (partials) plus dynamic shared memory may pass the 48 KB default.
-  if (smem_bytes > 0) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
-    if (err != cudaSuccess) return err;
+  const auto kernel = gemm_decode_kernel<kTokenTiles, kGrouped>;
+  int device = 0, smem_per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   }
-  int row_blocks = (p.n + decode::kRows - 1) / decode::kRows;
+  if (err != cudaSuccess) return err;
+  const int row_tiles = (p.n + decode::kRows - 1) / decode::kRows;
+  int row_blocks = row_tiles;
   if (max_row_blocks > 0 && row_blocks > max_row_blocks) row_blocks = max_row_blocks;
-  const dim3 grid(row_blocks, (p.m + kTokens - 1) / kTokens);
-  kernel<<<grid, decode::kThreads, smem_bytes, stream>>>(p, activations);
-  return cudaSuccess;
+  const int stages_per_tile = (p.kp / 2 + decode::kStageBytes - 1) / decode::kStageBytes;
+  const int64_t items = static_cast<int64_t>((row_tiles + row_blocks - 1) / row_blocks) *
+                        stages_per_tile;
+  const int slot_bytes = decode_slot_bytes(p.m < kTokens ? p.m : kTokens);
+  // Per block: half the SM, less the static partials and 1 KB the system keeps.
+  const int64_t budget = smem_per_sm / 2 - 1024 -
+                         static_cast<int64_t>(sizeof(int)) * decode::kWarps * kTokenTiles * 128;
+  int64_t stages = budget / slot_bytes;
+  if (stages > decode::kMaxStages) stages = decode::kMaxStages;
+  if (stages > items) stages = items;
+  if (stages < 1) stages = 1;
+  const size_t smem_bytes = static_cast<size_t>(stages) * slot_bytes;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem_bytes));
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(row_blocks, (p.m + kTokens - 1) / kTokens);
+  config.blockDim = dim3(decode::kThreads);
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = programmatic ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, p, static_cast<int>(stages));
 }
 
-// Token tiles and per-group variant of p, for one activation source.
-template <class Activations>
-cudaError_t launch_gemm_decode_for(const GemmParams& p, const Activations& activations,
-                                   size_t smem_bytes, int max_row_blocks, cudaStream_t stream) {
+// Token tiles and per-group variant of p.
+inline cudaError_t launch_gemm_decode_for(const GemmParams& p, int max_row_blocks,
+                                          bool programmatic, cudaStream_t stream) {
   const auto launch = [&](auto token_tiles, auto grouped) {
     return launch_gemm_decode_shape<decltype(token_tiles)::value, decltype(grouped)::value>(
-        p, activations, smem_bytes, max_row_blocks, stream);
+        p, max_row_blocks, programmatic, stream);
   };
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;

@@ -43,9 +43,12 @@ int multiprocessors() {
   return sms;
 }
 
-// Per channel: 128x256 tiles when they give every SM one, else 128x128.
+// Per channel, the tile with fewer k-slice times per SM: a 128x256 slice
+// took 1.5x a 128x128 one on an H100 at small M (benchmarks/NOTES.md, v5), so
+// 128x256 tiles when ceil(wide / sms) * 3 < ceil(narrow / sms) * 2.
 bool wide_tiles(const GemmParams& p, int sms) {
-  return p.groups == 1 && wgmma_output_tiles<WgmmaWide>(p) >= sms;
+  const int64_t wide = wgmma_output_tiles<WgmmaWide>(p), narrow = wgmma_output_tiles<WgmmaNarrow>(p);
+  return p.groups == 1 && sms > 0 && (wide + sms - 1) / sms * 3 < (narrow + sms - 1) / sms * 2;
 }
 
 }  // namespace
@@ -54,12 +57,14 @@ WgmmaPlan plan_gemm_wgmma(const GemmParams& p) {
   const int sms = multiprocessors();
   if (p.groups != 1) return {1, wgmma_output_tiles<WgmmaGrouped>(p)};
   if (wide_tiles(p, sms)) return {1, wgmma_output_tiles<WgmmaWide>(p)};
-  // Fewer tiles than SMs: split K so that the units about fill the SMs,
-  // keeping at least 4 k-tiles (512 values) per split; then even out the
-  // ranges so that none is empty.
+  // 128x128 tiles: split K so that the units still fit on the SMs in one
+  // wave, each split keeping at least 32 k-tiles (4096 values): shorter
+  // splits measured no faster, the partial sums' traffic and the last
+  // split's additions eating the gain. Then even out the ranges so that none
+  // is empty.
   const int64_t tiles = wgmma_output_tiles<WgmmaNarrow>(p);
   const int ktiles = (p.kp + WgmmaNarrow::kBK - 1) / WgmmaNarrow::kBK;
-  int64_t splits = std::min<int64_t>(sms / std::max<int64_t>(tiles, 1), ktiles / 4);
+  int64_t splits = std::min<int64_t>(sms / std::max<int64_t>(tiles, 1), ktiles / 32);
   if (splits < 2) return {1, tiles};
   const int64_t per_split = (ktiles + splits - 1) / splits;
   return {static_cast<int>((ktiles + per_split - 1) / per_split), tiles};
@@ -68,7 +73,11 @@ WgmmaPlan plan_gemm_wgmma(const GemmParams& p) {
 cudaError_t launch_gemm_wgmma(const GemmParams& p, const SplitK& split, cudaStream_t stream) {
   const int sms = multiprocessors();
   if (sms == 0) return cudaErrorInvalidDevice;
-  if (p.groups != 1) return launch_gemm_wgmma_shape<WgmmaGrouped>(p, SplitK{}, sms, stream);
+  if (p.groups != 1) {
+    // The wgmma kernel folds groups at stage ends (128 values).
+    if (p.kp / p.groups % WgmmaGrouped::kBK != 0) return launch_gemm_tiled_int8(p, stream);
+    return launch_gemm_wgmma_shape<WgmmaGrouped>(p, SplitK{}, sms, stream);
+  }
   return wide_tiles(p, sms) ? launch_gemm_wgmma_shape<WgmmaWide>(p, SplitK{}, sms, stream)
                             : launch_gemm_wgmma_shape<WgmmaNarrow>(p, split, sms, stream);
 }

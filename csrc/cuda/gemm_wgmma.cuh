@@ -31,18 +31,22 @@
 // the int32 accumulators hold exactly 256 * P (kMaxInt8MmaGroupLen).
 //
 // Per channel: 128x256 tiles (two m64n256 consumers, 128 accumulators a
-// thread), scaled once in the epilogue. Per group: 128x128 tiles (m64n128),
-// the int32 partials folded into fp32 accumulators at each group end, after
-// waiting for the group's wgmmas: acc = fma(float(P), sa * sw, acc).
+// thread) or 128x128 ones, whichever needs fewer slice times per SM
+// (gemm_wgmma.cu), scaled once in the epilogue. Per group (group lengths a
+// multiple of the 128-value stage): 128x128 tiles (m64n128), each group's
+// wgmmas issued back to back, its int32 partials folded into fp32
+// accumulators after waiting for them: acc = fma(float(P), sa * sw, acc).
+// (ptxas serializes every wgmma, C7520 in its -v output, if accumulator
+// registers are touched on a path it cannot prove uniform, or if the paths
+// into a join have different wgmmas in flight: keep the loops plain.)
 //
 // The grid is persistent: a block walks work units blockIdx.x, + gridDim.x,
 // ..., its producer running ahead into the next unit while the consumers
-// store the last one. A unit is an output tile, or per channel with fewer
-// 128x128 tiles than half the SMs, a K range of one (split K): each split
-// stores its exact int32 partial sums to a workspace, and the last split of a
-// tile to finish (a counter per tile) adds them up in split order and runs
-// the epilogue. Integer sums are exact in any order, so split K changes no
-// bit.
+// store the last one. A unit is an output tile, or per channel with few
+// 128x128 tiles and a long K, a K range of one (split K): each split stores
+// its exact int32 partial sums to a workspace, and the last split of a tile
+// to finish (a counter per tile) adds the others' to its own and runs the
+// epilogue. Integer sums are exact in any order, so split K changes no bit.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
@@ -73,9 +77,9 @@ struct WgmmaShape {
   // A producer job is a warp's 8 rows x 4 chunks of a slice; the four
   // producer warps cover 32 rows per job.
   static constexpr int kJobs = kRows / 32;
-  static constexpr int kAJobs = kBM / 32;
   // Registers: the producer needs few, the consumers the accumulators
-  // (kBN / 2) plus addressing; 128 * 48 + 256 * 224 <= 64K.
+  // (kBN / 2, per group twice: int32 partials and fp32 sums) plus
+  // addressing; 128 * 48 + 256 * 224 <= 64K.
   static constexpr int kProducerRegisters = 48, kConsumerRegisters = 224;
   static constexpr int kBarrierBytes = 8 * 2 * (kInt8Stages + kPackedStages);
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kInt8Stages * kInt8StageBytes +
@@ -158,6 +162,65 @@ struct SliceCursor {
 
 __device__ __forceinline__ void consumer_barrier() {
   asm volatile("bar.sync 1, 256;\n" ::: "memory");
+}
+
+// Split K: stores this split's exact int32 partial sums to the workspace
+// (column pairs in one 8-byte store where N is even); the tile's last split
+// to finish adds the other splits' sums to its own registers, every load of a
+// split in flight at once, and returns true: it runs the epilogue. The others
+// return false. Integer sums are exact in any order.
+template <int kBN>
+__device__ __forceinline__ bool add_split_partials(const GemmParams& p, const SplitK& split,
+                                                   const WorkUnit& w, int splits, int thread_m,
+                                                   int thread_n, int ctid, int (&acc)[kBN / 2],
+                                                   int& last_split) {
+  const bool pairs = p.n % 2 == 0;
+  auto at = [&](int sp, int m, int n) {
+    return split.partials + (static_cast<int64_t>(sp) * p.m + m) * p.n + n;
+  };
+#pragma unroll
+  for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = thread_m + 8 * h, n = thread_n + 8 * nt, i = 4 * nt + 2 * h;
+      if (m >= p.m || n >= p.n) continue;
+      int* dst = at(w.split, m, n);
+      if (pairs) {
+        __stcg(reinterpret_cast<int2*>(dst), make_int2(acc[i], acc[i + 1]));
+      } else {
+        __stcg(dst, acc[i]);
+        if (n + 1 < p.n) __stcg(dst + 1, acc[i + 1]);
+      }
+    }
+  }
+  __threadfence();
+  consumer_barrier();
+  if (ctid == 0) last_split = atomicAdd(split.counters + w.tile, 1) == splits - 1;
+  consumer_barrier();
+  if (!last_split) return false;
+  __threadfence();
+  for (int sp = 0; sp < splits; ++sp) {
+    if (sp == w.split) continue;
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = thread_m + 8 * h, n = thread_n + 8 * nt, i = 4 * nt + 2 * h;
+        if (m >= p.m || n >= p.n) continue;
+        const int* src = at(sp, m, n);
+        if (pairs) {
+          const int2 v = __ldcg(reinterpret_cast<const int2*>(src));
+          acc[i] += v.x;
+          acc[i + 1] += v.y;
+        } else {
+          acc[i] += __ldcg(src);
+          if (n + 1 < p.n) acc[i + 1] += __ldcg(src + 1);
+        }
+      }
+    }
+  }
+  if (ctid == 0) split.counters[w.tile] = 0;  // ready for reuse
+  return true;
 }
 
 template <class Shape>
@@ -252,8 +315,6 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
   const int ctid = threadIdx.x - Shape::kProducerThreads;
   const int wg = ctid / 128, warp = ctid % 128 / 32, lane = ctid % 32;
   constexpr int kAcc = kBN / 2;
-  int acc[kAcc];
-  float facc[kAcc];  // per group only
 
   auto a_desc = [&](int q, int step) {
     return wgmma_desc_k_major_sw128(int8_base() + q * Shape::kInt8StageBytes +
@@ -301,6 +362,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
     };
 
     if constexpr (!Shape::kGrouped) {
+      int acc[kAcc];
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) acc[i] = 0;
       int previous_q = -1;
@@ -324,44 +386,10 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
       mbarrier_arrive(empty_bar(previous_q));
 
       if (Shape::kSplitK && schedule.splits > 1) {
-        // This split's exact partial sums to the workspace; the tile's last
-        // split to finish adds them all up.
-        int* mine = split.partials + static_cast<int64_t>(w.split) * p.m * p.n;
-#pragma unroll
-        for (int nt = 0; nt < kBN / 8; ++nt) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int m = thread_m + 8 * h, n = thread_n + 8 * nt;
-            if (m >= p.m) continue;
-            int* at = mine + static_cast<int64_t>(m) * p.n + n;
-            if (n < p.n) at[0] = acc[4 * nt + 2 * h];
-            if (n + 1 < p.n) at[1] = acc[4 * nt + 2 * h + 1];
-          }
+        if (!add_split_partials<kBN>(p, split, w, schedule.splits, thread_m, thread_n, ctid, acc,
+                                     last_split)) {
+          continue;
         }
-        __threadfence();
-        consumer_barrier();
-        if (ctid == 0) {
-          last_split = atomicAdd(split.counters + w.tile, 1) == schedule.splits - 1;
-        }
-        consumer_barrier();
-        if (!last_split) continue;
-        __threadfence();
-#pragma unroll
-        for (int nt = 0; nt < kBN / 8; ++nt) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int m = thread_m + 8 * h, n = thread_n + 8 * nt;
-            int sum[2] = {0, 0};
-            for (int sp = 0; sp < schedule.splits; ++sp) {
-              const int* at = split.partials + (static_cast<int64_t>(sp) * p.m + m) * p.n + n;
-              if (m < p.m && n < p.n) sum[0] += __ldcg(at);
-              if (m < p.m && n + 1 < p.n) sum[1] += __ldcg(at + 1);
-            }
-            acc[4 * nt + 2 * h] = sum[0];
-            acc[4 * nt + 2 * h + 1] = sum[1];
-          }
-        }
-        if (ctid == 0) split.counters[w.tile] = 0;  // ready for reuse
       }
       const float rs[2] = {row_scale(0, 0), row_scale(1, 0)};
       store_output<1, kBN / 8>(
@@ -370,52 +398,55 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
             return per_channel_output(acc[4 * nt + i], rs[i / 2], c.scale[i % 2], c.bias[i % 2]);
           });
     } else {
+      // Per group (whole stages: the launcher sends other group lengths to
+      // the mma.sync kernel): each group runs the per-channel stage loop
+      // (wgmmas issued back to back, one stage in flight while the next is
+      // waited for), the group's scales are loaded while its last wgmmas
+      // finish, and its int32 partials are folded into the fp32 sums.
+      int acc[kAcc];
+      float facc[kAcc];
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) facc[i] = 0.0f;
-      const int steps_per_group = p.kp / p.groups / 32;
-      const int ksteps = p.kp / 32;
-      int step_in_group = 0, group = 0;
-      for (int kt = w.k_begin; kt < w.k_end; ++kt) {
-        if (ctid == 0 && issue.valid(schedule)) issue_next();
-        mbarrier_wait(full_bar(q), phase);
-        wgmma_fence();
+      const int stages_per_group = p.kp / p.groups / Shape::kBK;
+      for (int group = 0; group < p.groups; ++group) {
+        int previous_q = -1;
+        for (int stage = 0; stage < stages_per_group; ++stage) {
+          if (ctid == 0 && issue.valid(schedule)) issue_next();
+          mbarrier_wait(full_bar(q), phase);
+          wgmma_fence();
+          // A group's first step overwrites the previous group's partials.
+          wgmma_s8_k32<kBN>(acc, a_desc(q, 0), b_desc(q, 0), stage != 0);
 #pragma unroll
-        for (int step = 0; step < Shape::kKSteps; ++step) {
-          if (kt * Shape::kKSteps + step >= ksteps) break;  // K ends mid-stage
-          // A group's first step overwrites the partials of the previous one.
-          wgmma_s8_k32<kBN>(acc, a_desc(q, step), b_desc(q, step), step_in_group != 0);
-          if (++step_in_group == steps_per_group) {
-            wgmma_commit();
-            wgmma_wait<0>();
-            const float rs[2] = {row_scale(0, group), row_scale(1, group)};
-            // One pointer stepped along the columns: per-column addresses
-            // hoisted out of the K loop would not fit in registers.
-            const float* sw_at = p.w_scale + static_cast<int64_t>(thread_n) * p.groups + group;
+          for (int step = 1; step < Shape::kKSteps; ++step) {
+            wgmma_s8_k32<kBN>(acc, a_desc(q, step), b_desc(q, step), 1);
+          }
+          wgmma_commit();
+          wgmma_wait<1>();
+          if (previous_q >= 0) mbarrier_arrive(empty_bar(previous_q));
+          previous_q = q;
+          if (++q == kQ) q = 0, phase ^= 1;
+        }
+        const float rs[2] = {row_scale(0, group), row_scale(1, group)};
+        float sw[kBN / 4];  // columns thread_n + 8 nt + j at 2 nt + j
+        const float* sw_at = p.w_scale + static_cast<int64_t>(thread_n) * p.groups + group;
 #pragma unroll
-            for (int nt = 0; nt < kBN / 8; ++nt) {
+        for (int nt = 0; nt < kBN / 8; ++nt) {
 #pragma unroll
-              for (int j = 0; j < 2; ++j) {
-                const int n = thread_n + 8 * nt + j;
-                const float sw = n < p.n ? __ldg(sw_at + j * p.groups) : 0.0f;
+          for (int j = 0; j < 2; ++j) {
+            sw[2 * nt + j] = thread_n + 8 * nt + j < p.n ? __ldg(sw_at + j * p.groups) : 0.0f;
+          }
+          sw_at += 8 * p.groups;
+        }
+        wgmma_wait<0>();
+        mbarrier_arrive(empty_bar(previous_q));
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                  const int i = 4 * nt + 2 * h + j;
-                  facc[i] = fmaf(static_cast<float>(acc[i]), rs[h] * sw, facc[i]);
-                }
-              }
-              sw_at += 8 * p.groups;
-            }
-            wgmma_fence();  // the next wgmma writes the registers just read
-            step_in_group = 0;
-            ++group;
+        for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int a = 4 * nt + i;
+            facc[a] = fmaf(static_cast<float>(acc[a]), rs[i / 2] * sw[2 * nt + i % 2], facc[a]);
           }
         }
-        // Groups may span stages: finish this stage's wgmmas before handing
-        // it back (the other consumer keeps the tensor cores busy meanwhile).
-        wgmma_commit();
-        wgmma_wait<0>();
-        mbarrier_arrive(empty_bar(q));
-        if (++q == kQ) q = 0, phase ^= 1;
       }
       store_output<1, kBN / 8>(
           p, thread_m, thread_n, [&](int n) { return load_column_factors(p, n, false); },

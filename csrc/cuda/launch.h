@@ -61,9 +61,12 @@ cudaError_t launch_gemm_tiled_int4(const GemmParams& p, cudaStream_t stream);
 cudaError_t launch_gemm_tiled_int8(const GemmParams& p, cudaStream_t stream);
 // Tiled GEMM on Hopper's warpgroup tensor cores (wgmma s8, sm_90a only), INT4
 // unpacked to INT8 in shared memory. Needs group_len <= kMaxInt8MmaGroupLen.
-// Per channel, with fewer 128x128 output tiles than half the SMs it splits K
-// (plan_gemm_wgmma says how): the caller then provides a workspace of `tiles`
-// zeroed counters and splits * M * N int32 partial sums.
+// Per group, group lengths that are not a multiple of 128 (64, 192, ...) run
+// launch_gemm_tiled_int8 instead.
+// Per channel, with at most half as many 128x128 output tiles as SMs and K of
+// at least 8192 it splits K (plan_gemm_wgmma says how): the caller then
+// provides a workspace of `tiles` zeroed counters (the kernel leaves them
+// zero) and splits * M * N int32 partial sums.
 struct SplitK {
   int splits = 1;            // K ranges per output tile (1: K is not split)
   int* counters = nullptr;   // [tiles], zero on entry (and left zero)
@@ -79,17 +82,31 @@ cudaError_t launch_gemm_wgmma(const GemmParams& p, const SplitK& split, cudaStre
 // tokens. Needs group_len <= kMaxInt8MmaGroupLen.
 cudaError_t launch_gemm_decode(const GemmParams& p, cudaStream_t stream);
 
-// w4a4_linear for a few tokens in one launch: the decode GEMM with p.a and
-// p.a_scale unused, each block quantizing x [p.m, k] (float type x_kind) into
-// shared memory itself, with quantize_act's math: the output has the bits of
-// launch_quantize + launch_gemm_decode. Every block quantizes all of x, so
-// this pays off only for small p.m * p.kp: the binding fuses up to
-// kLinearDecodeMaxValues, one token of K <= 11264 or two of K <= 5632 (on an
-// H100 two tokens broke even at K = 4096 and four were slower; one token of
-// K = 28672 gained only 5%, with a 128 KB copy of fp32 x in shared memory;
-// benchmarks/NOTES.md). At least 1 and at most kDecodeMaxTokens tokens.
+// w4a4_linear for a few tokens (1 .. kDecodeMaxTokens): launch_quantize of x
+// [p.m, k] (float type x_kind) into p.a / p.a_scale, which are the caller's
+// workspaces here ([p.m, kp/2] bytes, [p.m, groups] floats), then the decode
+// GEMM, launched as the quantize kernel's programmatic dependent on compute
+// capability 9.0+ so that its weights stream in while x is quantized. The
+// output has the bits of launch_quantize + launch_gemm_decode.
 cudaError_t launch_linear_decode(const GemmParams& p, const void* x, FloatKind x_kind, int64_t k,
                                  float clip_ratio, cudaStream_t stream);
-constexpr int64_t kLinearDecodeMaxValues = 11264;
+
+// Online rotation (hadamard.cuh): rows [rows, n] of x times kron(F, H_p /
+// sqrt(p)), F the m x m float32 factor and p = n / m a power of two, with the
+// CPU kernel's arithmetic in its order (the same bits). hadamard writes y
+// [rows, n] in x's type; the fused op quantizes the rotated rows as
+// launch_quantize does (packed [rows, kp/2], scales [rows, kp/group_len]).
+// Rows too long for shared memory work in a global workspace of
+// rotation_workspace_floats floats (0: none needed; groups = 0 for hadamard).
+// The work area's float offsets must fit in int: 2 n + m (m + 3) <= INT_MAX.
+cudaError_t rotation_workspace_floats(int64_t rows, int64_t n, int64_t m, int64_t groups,
+                                      int64_t* floats);
+cudaError_t launch_hadamard(const void* x, FloatKind x_kind, int64_t rows, int64_t n,
+                            const float* factor, int64_t m, void* y, float* workspace,
+                            cudaStream_t stream);
+cudaError_t launch_hadamard_quantize(const void* x, FloatKind x_kind, int64_t rows, int64_t n,
+                                     const float* factor, int64_t m, int64_t kp,
+                                     int64_t group_len, float clip_ratio, uint8_t* packed,
+                                     float* scales, float* workspace, cudaStream_t stream);
 
 }  // namespace apex4::cuda

@@ -15,9 +15,10 @@
 // kMaxInt8MmaGroupLen they would overflow, and sm80 runs instead. sm90 needs
 // compute capability 9.0 exactly (wgmma is sm_90a); elsewhere sm90mma runs.
 //
-// w4a4_linear on CUDA: where w4a4_gemm would take the decode path and x is
-// small (launch.h's kLinearDecodeMaxValues), one kernel quantizes x and
-// multiplies, with the bits of quantize_act + w4a4_gemm; otherwise the
+// w4a4_linear on CUDA: where w4a4_gemm would take the decode path, the
+// quantize kernel and the decode GEMM run as a programmatic-dependent pair
+// (launch.h's launch_linear_decode: the GEMM's weights stream in while x is
+// quantized), with the bits of quantize_act + w4a4_gemm; otherwise the
 // composite (csrc/ops.cpp) runs those two ops.
 //
 // Only c10/cuda headers (the stream is c10::cuda::getCurrentCUDAStream, which
@@ -194,9 +195,9 @@ at::Tensor w4a4_gemm_cuda(const at::Tensor& a_q, const at::Tensor& a_s, const at
   return out;
 }
 
-// True where w4a4_linear(x, w_q, w_s) runs as one fused decode kernel: the
-// arguments are well formed (anything else goes to the composite, which
-// raises the errors) and x is small enough (launch.h).
+// True where w4a4_linear(x, w_q, w_s) runs as the decode pair: the arguments
+// are well formed (anything else goes to the composite, which raises the
+// errors) and w4a4_gemm would take the decode path.
 bool fused_linear_applies(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_s) {
   if (!x.is_cuda() || !is_float_act(x.scalar_type()) || x.dim() < 1 || x.size(-1) == 0 ||
       w_q.dim() != 2 || w_s.dim() != 2 || w_s.size(0) != w_q.size(0) || w_s.size(1) == 0 ||
@@ -208,7 +209,7 @@ bool fused_linear_applies(const at::Tensor& x, const at::Tensor& w_q, const at::
   const int64_t group_len = kp / groups;
   if (padded_k(x.size(-1), groups == 1 ? 0 : group_len) != kp) return false;
   const int64_t m = x.numel() / x.size(-1);
-  if (m < 1 || m > cuda::kDecodeMaxTokens || m * kp > cuda::kLinearDecodeMaxValues) return false;
+  if (m < 1 || m > cuda::kDecodeMaxTokens || groups > cuda::kQuantizeMaxGroups) return false;
   return choose_gemm_path(m, group_len, x.device()) == GemmPath::kDecode;
 }
 
@@ -237,7 +238,12 @@ at::Tensor w4a4_linear_cuda(const at::Tensor& x, const at::Tensor& w_q, const at
   at::Tensor out = at::empty(shape, x.options());
   const at::Tensor xc = x.contiguous(), w = aligned_16(w_q);
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  check_int_range(kp, "padded K");
+  const at::Tensor a_q = at::empty({qd.rows, kp / 2}, x.options().dtype(at::kByte));
+  const at::Tensor a_s = at::empty({qd.rows, groups}, x.options().dtype(at::kFloat));
   cuda::GemmParams p{};
+  p.a = a_q.const_data_ptr<uint8_t>();
+  p.a_scale = a_s.const_data_ptr<float>();
   p.w = w.const_data_ptr<uint8_t>();
   p.w_scale = w_s.const_data_ptr<float>();
   p.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
@@ -255,6 +261,63 @@ at::Tensor w4a4_linear_cuda(const at::Tensor& x, const at::Tensor& w_q, const at
   return out;
 }
 
+// ---- online rotation ----------------------------------------------------------
+
+// Sizes the rotation kernels index with int (launch.h), and their global
+// workspace where a row does not fit in shared memory.
+at::Tensor rotation_workspace(const at::Tensor& x, int64_t rows, int64_t n, int64_t m,
+                              int64_t groups) {
+  check_int_range(rows, "the number of rows");
+  check_int_range(2 * n + m * (m + 3), "the rotation's work area (2 K + m (m + 3) floats)");
+  int64_t floats = 0;
+  C10_CUDA_CHECK(cuda::rotation_workspace_floats(rows, n, m, groups, &floats));
+  return floats > 0 ? at::empty({floats}, x.options().dtype(at::kFloat)) : at::Tensor();
+}
+
+float* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<float>() : nullptr;
+}
+
+at::Tensor hadamard_cuda(const at::Tensor& x, const at::Tensor& factor) {
+  const int64_t m = check_hadamard_args(x, factor);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), fc = factor.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t n = xc.size(-1), rows = xc.numel() / n;
+  at::Tensor workspace = rotation_workspace(x, rows, n, m, 0);
+  if (rows == 0) return y;
+  C10_CUDA_CHECK(cuda::launch_hadamard(xc.const_data_ptr(), float_kind(xc.scalar_type()), rows, n,
+                                       fc.const_data_ptr<float>(), m, y.mutable_data_ptr(),
+                                       data_or_null(workspace),
+                                       c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> hadamard_quantize_act_cuda(const at::Tensor& x,
+                                                              const at::Tensor& factor,
+                                                              std::optional<int64_t> group_size,
+                                                              double clip_ratio) {
+  const QuantizeDims d = check_quantize_args(x, group_size, clip_ratio);
+  const int64_t m = check_rotation(x, factor);
+  TORCH_CHECK_VALUE(d.groups <= cuda::kQuantizeMaxGroups, "apex4: ", d.groups,
+                    " groups per row exceed the CUDA quantizer's limit of ",
+                    cuda::kQuantizeMaxGroups);
+  check_int_range(d.kp, "padded K");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [packed, scales] = alloc_quantized(x, d);
+  at::Tensor workspace = rotation_workspace(x, d.rows, d.k, m, d.groups);
+  if (d.rows == 0) return {packed, scales};
+  const at::Tensor xc = x.contiguous(), fc = factor.contiguous();
+  C10_CUDA_CHECK(cuda::launch_hadamard_quantize(
+      xc.const_data_ptr(), float_kind(xc.scalar_type()), d.rows, d.k, fc.const_data_ptr<float>(),
+      m, d.kp, d.group_len, static_cast<float>(clip_ratio), packed.mutable_data_ptr<uint8_t>(),
+      scales.mutable_data_ptr<float>(), data_or_null(workspace),
+      c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {packed, scales};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(apex4, CUDA, m) {
@@ -264,6 +327,8 @@ TORCH_LIBRARY_IMPL(apex4, CUDA, m) {
   m.impl("unpack_int4", &unpack_int4_cuda);
   m.impl("w4a4_gemm", &w4a4_gemm_cuda);
   m.impl("w4a4_linear", &w4a4_linear_cuda);
+  m.impl("hadamard", &hadamard_cuda);
+  m.impl("hadamard_quantize_act", &hadamard_quantize_act_cuda);
 }
 
 }  // namespace apex4

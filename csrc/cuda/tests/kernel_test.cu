@@ -327,8 +327,10 @@ void test_linear_decode(FloatKind kind, const char* type_name, int m, int n, int
   GemmParams p{da.ptr, dsa.ptr, dw.ptr, dsw.ptr, dbias.ptr, FloatKind::kF32, two_ops.ptr, kind,
                m, n, static_cast<int>(kp), static_cast<int>(groups)};
   CUDA_OK(apex4::cuda::launch_gemm_decode(p, nullptr));
-  p.a = nullptr;
-  p.a_scale = nullptr;
+  DeviceBuffer<uint8_t> da2(static_cast<size_t>(m) * kp / 2);  // launch_linear_decode's workspaces
+  DeviceBuffer<float> dsa2(static_cast<size_t>(m) * groups);
+  p.a = da2.ptr;
+  p.a_scale = dsa2.ptr;
   p.out = fused.ptr;
   CUDA_OK(apex4::cuda::launch_linear_decode(p, dx.ptr, kind, k, clip, nullptr));
   CUDA_OK(cudaGetLastError());
@@ -350,9 +352,14 @@ int main() {
       test_quantize<__nv_bfloat16>(FloatKind::kBF16, "bf16", 5, k, group, rng);
     }
   }
-  // Rows longer than the register cache (8 * 8 * 256 values) re-read their tail.
   test_quantize<__half>(FloatKind::kF16, "f16", 3, 28672, 0, rng);
   test_quantize<float>(FloatKind::kF32, "f32", 3, 20001, 128, rng);
+  // Rows longer than a block's registers (32768 values) are done in chunks;
+  // groups of 192 and 512 meet in shared memory.
+  test_quantize<__half>(FloatKind::kF16, "f16", 3, 70000, 0, rng);
+  test_quantize<__nv_bfloat16>(FloatKind::kBF16, "bf16", 3, 70000, 128, rng);
+  test_quantize<float>(FloatKind::kF32, "f32", 3, 40001, 192, rng);
+  test_quantize<__half>(FloatKind::kF16, "f16", 3, 4096, 512, rng);
   test_pack_unpack(rng);
 
   // The last two have enough 128x256 tiles (with M, N and K tails) for the
@@ -360,7 +367,10 @@ int main() {
   const GemmCase cases[] = {{1, 192, 576, 1},    {1, 200, 576, 9},    {7, 1000, 1024, 8},
                             {16, 264, 640, 5},   {17, 130, 4096, 1},  {33, 256, 2048, 16},
                             {130, 264, 640, 10}, {200, 520, 1536, 1}, {129, 257, 1088, 17},
-                            {64, 96, 8192, 32},  {4200, 1100, 64, 1}, {4224, 1056, 192, 1}};
+                            {64, 96, 8192, 32},  {4200, 1100, 64, 1}, {4224, 1056, 192, 1},
+                            // split K in 2 (odd N) and 4; groups of three stages; many groups
+                            {40, 131, 8192, 1},  {17, 130, 16384, 1}, {70, 200, 1152, 3},
+                            {300, 136, 4096, 32}};
   int device = 0, major = 0, minor = 0;
   CUDA_OK(cudaGetDevice(&device));
   CUDA_OK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
@@ -383,7 +393,7 @@ int main() {
       test_linear_decode<float>(FloatKind::kF32, "f32", m, 4100, 576, group, rng);
     }
     test_linear_decode<__nv_bfloat16>(FloatKind::kBF16, "bf16", 2, 5000, 4096, group, rng);
-    test_linear_decode<__half>(FloatKind::kF16, "f16", 3, 200, 1001, group, rng);  // not staged
+    test_linear_decode<__half>(FloatKind::kF16, "f16", 3, 200, 1001, group, rng);  // unaligned rows
   }
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;

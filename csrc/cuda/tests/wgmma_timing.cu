@@ -1,0 +1,257 @@
+// Kernel timings of the wgmma GEMM variants, without torch: each variant is
+// launched through the torch-free launchers on random packed operands, after
+// a 256 MB memset that leaves L2 cold and dirty (as triton's do_bench does);
+// CUDA events around the launch alone, median of kReps. Every variant's
+// output is checked against a reference variant first (per channel: the same
+// bits; per group: the mma.sync kernel, within fp32 rounding).
+//
+//   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -Icsrc/include -Icsrc \
+//     -gencode=arch=compute_90a,code=sm_90a csrc/cuda/tests/wgmma_timing.cu \
+//     csrc/cuda/gemm_wgmma.cu csrc/cuda/gemm_tiled_int8.cu -o build/wgmma_timing
+//   build/wgmma_timing [splitk|grouped|wide]...   (default: all)
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "cuda/gemm_wgmma.cuh"
+
+using namespace apex4::cuda;
+
+namespace {
+
+#define CUDA_OK(expr)                                                                        \
+  do {                                                                                       \
+    const cudaError_t err_ = (expr);                                                         \
+    if (err_ != cudaSuccess) {                                                               \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(err_), __FILE__, __LINE__); \
+      std::exit(2);                                                                          \
+    }                                                                                        \
+  } while (0)
+
+constexpr int kReps = 15;
+
+__global__ void fill_bytes(uint8_t* p, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    p[i] = static_cast<uint8_t>(h);
+  }
+}
+__global__ void fill_scales(float* p, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2246822519u ^ seed;
+    h ^= h >> 16;
+    p[i] = 0.01f + 0.09f * static_cast<float>(h & 0xFFFF) / 65535.0f;
+  }
+}
+
+struct Problem {
+  int m, n, k, groups;
+  uint8_t *a, *w;
+  float *sa, *sw;
+  float* out;
+  GemmParams params() const {
+    return GemmParams{a, sa, w, sw, nullptr, FloatKind::kF32, out, FloatKind::kF32,
+                      m, n, k, groups};
+  }
+};
+
+Problem make_problem(int m, int n, int k, int groups) {
+  Problem pr{m, n, k, groups};
+  CUDA_OK(cudaMalloc(&pr.a, int64_t{m} * k / 2));
+  CUDA_OK(cudaMalloc(&pr.w, int64_t{n} * k / 2));
+  CUDA_OK(cudaMalloc(&pr.sa, int64_t{m} * groups * 4));
+  CUDA_OK(cudaMalloc(&pr.sw, int64_t{n} * groups * 4));
+  CUDA_OK(cudaMalloc(&pr.out, int64_t{m} * n * 4));
+  fill_bytes<<<512, 256>>>(pr.a, int64_t{m} * k / 2, 17 + m);
+  fill_bytes<<<512, 256>>>(pr.w, int64_t{n} * k / 2, 91 + n);
+  fill_scales<<<256, 256>>>(pr.sa, int64_t{m} * groups, 5);
+  fill_scales<<<256, 256>>>(pr.sw, int64_t{n} * groups, 7);
+  CUDA_OK(cudaGetLastError());
+  return pr;
+}
+void free_problem(Problem& pr) {
+  cudaFree(pr.a), cudaFree(pr.w), cudaFree(pr.sa), cudaFree(pr.sw), cudaFree(pr.out);
+}
+
+uint8_t* g_flush = nullptr;
+constexpr size_t kFlushBytes = size_t{256} << 20;
+
+double median_us(const std::function<void()>& launch) {
+  cudaEvent_t e0, e1;
+  CUDA_OK(cudaEventCreate(&e0));
+  CUDA_OK(cudaEventCreate(&e1));
+  launch();  // warm-up
+  CUDA_OK(cudaGetLastError());
+  std::vector<double> t;
+  for (int r = 0; r < kReps; ++r) {
+    CUDA_OK(cudaMemsetAsync(g_flush, r, kFlushBytes));
+    CUDA_OK(cudaEventRecord(e0));
+    launch();
+    CUDA_OK(cudaEventRecord(e1));
+    CUDA_OK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CUDA_OK(cudaEventElapsedTime(&ms, e0, e1));
+    t.push_back(ms * 1e3);
+  }
+  CUDA_OK(cudaGetLastError());
+  cudaEventDestroy(e0), cudaEventDestroy(e1);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+std::vector<float> output(const Problem& pr) {
+  std::vector<float> v(int64_t{pr.m} * pr.n);
+  CUDA_OK(cudaDeviceSynchronize());
+  CUDA_OK(cudaMemcpy(v.data(), pr.out, v.size() * 4, cudaMemcpyDeviceToHost));
+  return v;
+}
+
+int g_failures = 0;
+
+// Runs and checks each variant against the first; prints one line per variant.
+void run_variants(Problem& pr, const std::vector<std::pair<std::string, std::function<void()>>>& vs,
+                  bool exact) {
+  std::vector<float> ref;
+  const double ops = 2.0 * pr.m * pr.n * pr.k;
+  for (size_t i = 0; i < vs.size(); ++i) {
+    CUDA_OK(cudaMemset(pr.out, 0xFF, int64_t{pr.m} * pr.n * 4));
+    vs[i].second();
+    CUDA_OK(cudaGetLastError());
+    const std::vector<float> got = output(pr);
+    bool ok = true;
+    if (i == 0) {
+      ref = got;
+      for (float x : got) ok = ok && std::isfinite(x);
+    } else {
+      double err = 0, norm = 0;
+      for (size_t j = 0; j < got.size(); ++j) {
+        if (exact && std::memcmp(&got[j], &ref[j], 4) != 0) ok = false;
+        err += (double(got[j]) - ref[j]) * (double(got[j]) - ref[j]);
+        norm += double(ref[j]) * ref[j];
+      }
+      if (!exact) ok = std::sqrt(err / std::max(norm, 1e-30)) < 1e-5;
+    }
+    if (!ok) ++g_failures;
+    const double us = median_us(vs[i].second);
+    std::printf("M=%5d N=%5d K=%5d G=%4d  %-22s %9.1f us %7.0f TOP/s %s\n", pr.m, pr.n, pr.k,
+                pr.groups, vs[i].first.c_str(), us, ops / us / 1e6, ok ? "" : "MISMATCH");
+    std::fflush(stdout);
+  }
+}
+
+const int kShapes[][2] = {{4096, 4096}, {4096, 11008}, {11008, 4096},
+                          {8192, 8192}, {8192, 28672}, {28672, 8192}};
+
+void splitk(int sms) {
+  std::printf("== split K (per channel, 128x128 tiles), plan vs forced splits\n");
+  int *counters, *partials;
+  CUDA_OK(cudaMalloc(&counters, 4096 * 4));
+  CUDA_OK(cudaMemset(counters, 0, 4096 * 4));
+  CUDA_OK(cudaMalloc(&partials, size_t{64} << 20));
+  for (const auto& s : kShapes) {
+    for (int m : {16, 64, 128, 256, 512}) {
+      Problem pr = make_problem(m, s[1], s[0], 1);
+      const GemmParams p = pr.params();
+      const WgmmaPlan plan = plan_gemm_wgmma(p);
+      const int ktiles = p.kp / 128;
+      std::vector<std::pair<std::string, std::function<void()>>> vs;
+      vs.push_back({"narrow s=1", [=] {
+                      CUDA_OK(launch_gemm_wgmma_shape<WgmmaNarrow>(p, SplitK{}, sms, nullptr));
+                    }});
+      for (int splits : {2, 3, 4, 6, 8}) {
+        if (splits > ktiles || wgmma_output_tiles<WgmmaNarrow>(p) * splits > 4 * sms ||
+            int64_t{splits} * m * s[1] * 4 > (int64_t{64} << 20)) {
+          continue;
+        }
+        vs.push_back({"narrow s=" + std::to_string(splits), [=] {
+                        CUDA_OK(launch_gemm_wgmma_shape<WgmmaNarrow>(
+                            p, SplitK{splits, counters, partials}, sms, nullptr));
+                      }});
+      }
+      if (plan.splits > 1) {
+        vs.push_back({"plan s=" + std::to_string(plan.splits) + "+memset", [=] {
+                        CUDA_OK(cudaMemsetAsync(counters, 0, plan.tiles * 4));
+                        CUDA_OK(launch_gemm_wgmma(p, SplitK{plan.splits, counters, partials},
+                                                  nullptr));
+                      }});
+      }
+      if (wgmma_output_tiles<WgmmaWide>(p) >= 1) {
+        vs.push_back({"wide", [=] {
+                        CUDA_OK(launch_gemm_wgmma_shape<WgmmaWide>(p, SplitK{}, sms, nullptr));
+                      }});
+      }
+      run_variants(pr, vs, true);
+      free_problem(pr);
+    }
+  }
+  cudaFree(counters), cudaFree(partials);
+}
+
+void grouped(int) {
+  std::printf("== per group: wgmma vs mma.sync (sm90mma)\n");
+  for (const auto& s : kShapes) {
+    for (int m : {128, 2048, 8192}) {
+      for (int len : {128, 256}) {
+        if (len == 256 && m != 8192) continue;
+        Problem pr = make_problem(m, s[1], s[0], s[0] / len);
+        const GemmParams p = pr.params();
+        run_variants(pr,
+                     {{"tiled_int8 g" + std::to_string(len),
+                       [=] { CUDA_OK(launch_gemm_tiled_int8(p, nullptr)); }},
+                      {"wgmma g" + std::to_string(len),
+                       [=] { CUDA_OK(launch_gemm_wgmma(p, SplitK{}, nullptr)); }}},
+                     false);
+        free_problem(pr);
+      }
+    }
+  }
+}
+
+void wide(int sms) {
+  std::printf("== per channel, large M\n");
+  for (const auto& s : kShapes) {
+    for (int m : {2048, 8192}) {
+      Problem pr = make_problem(m, s[1], s[0], 1);
+      const GemmParams p = pr.params();
+      run_variants(pr,
+                   {{"wide", [=] {
+                       CUDA_OK(launch_gemm_wgmma_shape<WgmmaWide>(p, SplitK{}, sms, nullptr));
+                     }},
+                    {"tiled_int8", [=] { CUDA_OK(launch_gemm_tiled_int8(p, nullptr)); }}},
+                   true);
+      free_problem(pr);
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int device = 0, sms = 0;
+  CUDA_OK(cudaGetDevice(&device));
+  CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  cudaDeviceProp prop;
+  CUDA_OK(cudaGetDeviceProperties(&prop, device));
+  std::printf("%s, %d SMs\n", prop.name, sms);
+  CUDA_OK(cudaMalloc(&g_flush, kFlushBytes));
+  std::vector<std::string> parts(argv + 1, argv + argc);
+  if (parts.empty()) parts = {"splitk", "grouped", "wide"};
+  for (const std::string& part : parts) {
+    if (part == "splitk") splitk(sms);
+    if (part == "grouped") grouped(sms);
+    if (part == "wide") wide(sms);
+  }
+  std::printf("%d mismatches\n", g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,126 @@
+"""The pieces of benchmarks/bench_e2e.py on the CPU, with a tiny LLaMA shape."""
+import argparse
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import torch_apex4 as apex4
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_e2e.py")
+_spec = importlib.util.spec_from_file_location("bench_e2e", _PATH)
+bench_e2e = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_e2e)
+
+TINY = dict(layers=2, vocab_size=96, hidden_size=128, intermediate_size=256,
+            num_attention_heads=4, num_key_value_heads=4)
+
+
+def tiny_model(dtype=torch.float32):
+    return bench_e2e.build_model(bench_e2e.llama_config(**TINY), "cpu", dtype)
+
+
+def test_config_is_llama2_7b_shaped():
+    c = bench_e2e.llama_config()
+    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+            c.vocab_size) == (32, 4096, 11008, 32, 32000)
+    assert bench_e2e.llama_config(layers=3).num_hidden_layers == 3
+
+
+def test_model_is_random_in_the_requested_dtype():
+    model = tiny_model(torch.float16)
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+    assert all(p.count_nonzero() > 0 for p in model.parameters())
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert weight.float().std() > 0
+
+
+def test_greedy_decode_with_static_cache_matches_generate():
+    model = tiny_model()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(0))
+    cache = bench_e2e.make_cache(model, 7 + 6)
+    with torch.no_grad():
+        first = bench_e2e.next_tokens(model, ids, cache)
+        rest = bench_e2e.greedy_decode(lambda t: bench_e2e.next_tokens(model, t, cache), first, 5)
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                  do_sample=False, min_new_tokens=6,
+                                  pad_token_id=0)[:, 7:]
+    assert torch.equal(torch.cat([first, rest], dim=1), expected)
+
+
+def test_cache_reset_repeats_the_prefill():
+    model = tiny_model()
+    ids = torch.randint(0, TINY["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(1))
+    cache = bench_e2e.make_cache(model, 9)
+    with torch.no_grad():
+        a = bench_e2e.next_tokens(model, ids, cache)
+        cache.reset()
+        b = bench_e2e.next_tokens(model, ids, cache)
+    assert torch.equal(a, b)
+
+
+def test_bench_model_records_and_table():
+    model = tiny_model()
+    args = argparse.Namespace(prefill=8, batch=[1, 2], context=4, steps=3, repeats=2,
+                              cuda_graphs="manual")  # no CUDA here: runs without graphs
+    records = bench_e2e.bench_model("fp16", model, {}, args, "cpu")
+    fp16_bytes = apex4.linear_weight_bytes(model)
+    apex4.quantize_(model, apex4.W4A4Config(group_size=None))
+    records += bench_e2e.bench_model("w4a4 pc", model, {"backend": "eager"}, args, "cpu")
+    assert [(r["model"], r["phase"], r["batch"], r["tokens"]) for r in records] == [
+        ("fp16", "prefill", 1, 8), ("fp16", "decode", 1, 3), ("fp16", "decode", 2, 6),
+        ("w4a4 pc", "prefill", 1, 8), ("w4a4 pc", "decode", 1, 3), ("w4a4 pc", "decode", 2, 6)]
+    assert all(r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["cuda_graphs"] == "none"
+               for r in records)
+    weights = [dict(model="fp16", linear_weight_bytes=fp16_bytes),
+               dict(model="w4a4 pc", linear_weight_bytes=apex4.linear_weight_bytes(model))]
+    table = bench_e2e.format_table(records, weights, "title").splitlines()
+    assert table[0] == "title"
+    assert table[1].split() == ["metric", "fp16", "tok/s", "w4a4", "pc", "tok/s", "w4a4", "pc",
+                                "vs", "fp16"]
+    assert table[2].split()[:3] == ["prefill", "8", "tokens"]
+    assert [line.split()[:3] for line in table[3:5]] == [["decode", "batch", "1"],
+                                                         ["decode", "batch", "2"]]
+    ratio = float(table[-1].split()[-1])
+    # Packed INT4 + fp32 per-channel scales: a bit over a quarter of fp32's... of the
+    # float32 tiny model here, so about 1/8.
+    assert ratio == pytest.approx(weights[1]["linear_weight_bytes"] / fp16_bytes, abs=1e-3)
+    assert 0.12 < ratio < 0.14
+
+
+def test_arguments():
+    args = bench_e2e.parse_args(["--granularity", "pc", "g128", "--batch", "1", "--layers", "2"])
+    assert args.granularity == ["pc", "g128"] and args.batch == [1] and args.layers == 2
+    assert args.prefill == 2048 and args.cuda_graphs == "manual" and args.compile
+    with pytest.raises(SystemExit):
+        bench_e2e.parse_args(["--cuda-graphs", "sometimes"])
+
+
+def test_run_reports_progress_and_plan_summary(monkeypatch):
+    """run() on a tiny shape, eagerly: every record and the quantized weights reach
+    progress as soon as they exist."""
+    tiny, build = bench_e2e.llama_config(**TINY), bench_e2e.build_model
+    monkeypatch.setattr(bench_e2e, "llama_config", lambda layers=None: tiny)
+    monkeypatch.setattr(bench_e2e, "build_model",  # float32: the CPU's fp16 matmuls are slow
+                        lambda config, device: build(config, device, torch.float32))
+    seen = []
+    args = bench_e2e.parse_args(["--granularity", "pc", "--prefill", "8", "--batch", "1",
+                                 "--context", "4", "--steps", "2", "--repeats", "1",
+                                 "--no-compile"])
+    records, weights, plans = bench_e2e.run(
+        args, "cpu", lambda r, w, p: seen.append((len(r), len(w))))
+    assert [(r["model"], r["phase"]) for r in records] == [
+        ("fp16", "prefill"), ("fp16", "decode"), ("w4a4 pc", "prefill"), ("w4a4 pc", "decode")]
+    assert seen[0] == (1, 1) and (2, 2) in seen and seen[-1] == (4, 2)
+    assert [w["model"] for w in weights] == ["fp16", "w4a4 pc"] and plans == {"w4a4 pc": []}
+
+
+def test_plan_summary_counts():
+    from torch_apex4.backend import KernelChoice
+
+    choices = [KernelChoice("a", 1, 64, 64, None, "decode", 2.0, "decode", True),
+               KernelChoice("b", 1, 64, 64, 128, "mma.sync", 3.0, "decode", False)]
+    s = bench_e2e.plan_summary(choices)
+    assert s == dict(m=[1], layers=2, kept_w4a4_linear=1, predicted_us=5.0,
+                     planned={"decode": 1, "mma.sync": 1}, runs={"decode": 2})
