@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .ops import num_groups, ops, padded_k
-from .quantize import W4A4Linear
+from .quantize import Float32Buffers, W4A4Linear
 from .rotation import KNOWN_MODEL_TYPES, RotatedInputLinear
 
 COLUMN_ATTENTION = ("q_proj", "k_proj", "v_proj")
@@ -109,7 +109,7 @@ def _column_shard(layer: nn.Module, lo: int, hi: int) -> nn.Module:
     return shard
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(Float32Buffers):
     """Input columns edges[rank]:edges[rank + 1] of a linear layer (float,
     online-rotated float, or W4A4), summing the float outputs over the group.
     The bias is added once, after the sum."""
@@ -136,15 +136,6 @@ class RowParallelLinear(nn.Module):
         self.register_buffer("w_q", layer.w_q[:, slice(*self.packed)].contiguous())
         self.register_buffer("w_s", layer.w_s[:, slice(*self.groups)].contiguous())
         self.gather = not grouped or self.rotation is not None
-
-    def _apply(self, fn, recurse=True):
-        # As in W4A4Linear: scales and rotation stay float32 under .half().
-        kept = {n: self._buffers[n] for n in W4A4Linear._FLOAT32_BUFFERS
-                if self._buffers.get(n) is not None}
-        super()._apply(fn, recurse)
-        for name, before in kept.items():
-            self._buffers[name] = before.to(self._buffers[name].device)
-        return self
 
     def _gather_input(self, x):
         """The whole input row from every rank's slice (slices may differ in

@@ -34,7 +34,20 @@ class W4A4Config:
                 raise ValueError(f"W4A4Config.{name} must be in (0, 1], got {value}")
 
 
-class W4A4Linear(nn.Module):
+class Float32Buffers(nn.Module):
+    """Keeps the buffers `w_s` and `rotation` in float32 under model.half() /
+    .to(dtype): scales and the rotation factor are float32 by contract (the
+    kernels' arithmetic), so dtype casts must move them, not round them."""
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: self._buffers[n] for n in ("w_s", "rotation") if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            self._buffers[name] = before.to(self._buffers[name].device)
+        return self
+
+
+class W4A4Linear(Float32Buffers):
     """A linear layer with INT4 weights that quantizes its input to INT4 on the
     fly. Buffers: w_q uint8 [out, Kp/2], w_s float32 [out, G], optional bias,
     and optionally `rotation`, the factor of an online rotation of the input
@@ -56,17 +69,6 @@ class W4A4Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         rotation = linear.rotation if isinstance(linear, RotatedInputLinear) else None
         return cls(w_q, w_s, bias, linear.in_features, config.act_clip, rotation)
-
-    # The scales and the rotation factor are float32 by contract (the kernels'
-    # arithmetic); model.half() / .to(dtype) must not round them, only move them.
-    _FLOAT32_BUFFERS = ("w_s", "rotation")
-
-    def _apply(self, fn, recurse=True):
-        kept = {n: self._buffers[n] for n in self._FLOAT32_BUFFERS if self._buffers[n] is not None}
-        super()._apply(fn, recurse)
-        for name, before in kept.items():
-            self._buffers[name] = before.to(self._buffers[name].device)
-        return self
 
     @property
     def group_size(self) -> Optional[int]:
