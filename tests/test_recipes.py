@@ -2,6 +2,7 @@
 import copy
 import importlib.util
 import json
+import warnings
 
 import pytest
 import torch
@@ -28,6 +29,24 @@ def test_every_recipe_quantizes_all_but_the_head(tiny_llama, name):
     quantized = [m for m in model.modules() if isinstance(m, apex4.W4A4Linear)]
     assert len(quantized) == 14 and type(model.lm_head) is torch.nn.Linear
     assert rel_error(model, tiny_llama, torch.randint(0, 256, (2, 16))) < 0.6
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("name", ["apex4-g128", "apex4-pc"])
+def test_recipes_run_beyond_llama(architecture, name):
+    # Qwen2 gets the whole recipe; Gemma-3 (norms the folding does not know) runs it
+    # without smoothing, with a warning.
+    from test_rotation import gemma3, qwen2
+
+    reference = {"qwen2": qwen2, "gemma3": gemma3}[architecture]()
+    model = copy.deepcopy(reference)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        RECIPES[name].apply(model, torch.randint(0, 256, (4, 32)), progress=False)
+    smoothing_skipped = any("no smoothing" in str(w.message) for w in caught)
+    assert smoothing_skipped == (architecture == "gemma3")
+    assert sum(isinstance(m, apex4.W4A4Linear) for m in model.modules()) == 14
+    assert rel_error(model, reference, torch.randint(0, 256, (2, 16))) < 0.6
 
 
 def test_mixed_recipe_follows_the_sensitivity(tiny_llama):

@@ -190,7 +190,7 @@ def test_smoothing_helps_w4a4_on_an_outlier_channel():
     assert err(smoothed) < 0.8 * err(rotated)
 
 
-def test_smoothing_refuses_what_it_cannot_do():
+def test_smoothing_refuses_or_skips_what_it_cannot_do():
     ids = torch.randint(0, 256, (2, 8))
     with pytest.raises(ValueError, match="alpha"):
         smooth_(llama(), ids, alpha=1.5)
@@ -198,5 +198,8 @@ def test_smoothing_refuses_what_it_cannot_do():
     rotate_(rotated, "online")
     with pytest.raises(ValueError, match="before rotating"):
         smooth_(rotated, ids)
-    with pytest.raises(ValueError, match="Llama-style"):
-        smooth_(gemma3(), ids)
+    model = gemma3()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="no smoothing"):
+        assert smooth_(model, ids) == {"alpha": None}
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())

@@ -221,14 +221,19 @@ def smooth_(model: nn.Module, calibration_ids: torch.Tensor, alpha: float = 0.5,
     1 / s folded into the producer of x: the RMSNorm weight (q/k/v and gate/up inputs), the
     v_proj rows (o_proj input, per key/value head channel) and the up_proj rows (down_proj
     input). Before `rotate_(model, "online")` (the residual mode would fold the norm scales
-    back into the weights). Returns {"alpha": alpha}, for checkpoints."""
+    back into the weights). Returns {"alpha": alpha}, for checkpoints; other architectures
+    are left as they are, with a warning, and get {"alpha": None}."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"smooth_: alpha must be in [0, 1], got {alpha}")
     if any(isinstance(m, RotatedInputLinear) for m in model.modules()):
         raise ValueError("smooth_: smooth before rotating, not after")
     if not _structure_known(model):
-        raise ValueError("smooth_: only Llama-style models are supported "
-                         f"(model types {', '.join(KNOWN_MODEL_TYPES)})")
+        # As rotate_ does for structures it cannot fold: run without it, never wrong.
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        warnings.warn(f"smooth_: no smoothing for model type {model_type!r} (it folds scales "
+                      f"into Llama-style blocks only: {', '.join(KNOWN_MODEL_TYPES)})",
+                      stacklevel=2)
+        return {"alpha": None}
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
