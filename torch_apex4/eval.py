@@ -26,6 +26,10 @@ DATA = Path(__file__).parent / "data"
 ALL = ["fp32", *RECIPES, *BASELINES]
 
 
+# Calibration text: a different book than the evaluation's default (Emma).
+DEFAULT_CALIBRATION = DATA / "pride_and_prejudice.txt"
+
+
 def calibration_batch(tokenizer, path, sequences, length):
     ids = tokenize_text(tokenizer, Path(path).read_text(encoding="utf-8"), sequences * length)
     usable = ids.shape[1] // length * length
@@ -123,7 +127,7 @@ def main(argv=None):
     parser.add_argument("--text", default=str(DATA / "emma.txt"))
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--calibration", default=str(DATA / "pride_and_prejudice.txt"))
+    parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION))
     parser.add_argument("--calib-sequences", type=int, default=16)
     parser.add_argument("--calib-length", type=int, default=512)
     parser.add_argument("--recipes", nargs="+", default=ALL, metavar="NAME",
