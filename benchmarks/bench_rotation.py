@@ -4,40 +4,21 @@ hadamard alone, fp16 activations, at LLM row sizes. Prints microseconds and
 the effective bandwidth (bytes of x read plus packed values and scales
 written, per second); --json writes the measurements.
 
-Times are medians of triton.testing.do_bench (L2 cleared before every call),
+Times are bench_gemm.py's (do_bench medians, L2 cleared before every call),
 or of CUDA events when Triton is missing.
 
     python benchmarks/bench_rotation.py [--tokens M ...] [--k K ...] [--group-size G] [--json PATH]
 """
 import argparse
 import json
-import statistics
 
 import torch
 
 import torch_apex4  # noqa: F401  (registers the ops)
+from bench_gemm import median_us
 from torch_apex4.hadamard import rotation_factor
 
 ops = torch.ops.apex4
-
-
-def time_us(fn):
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None:
-        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-    fn()
-    times = []
-    for _ in range(50):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def main():
@@ -56,9 +37,9 @@ def main():
         for k in args.k:
             x = torch.randn(m_tokens, k, dtype=torch.float16, device="cuda")
             factor = rotation_factor(k, "cuda")
-            plain = time_us(lambda: ops.quantize_act(x, group))
-            fused = time_us(lambda: ops.hadamard_quantize_act(x, factor, group))
-            rotate = time_us(lambda: ops.hadamard(x, factor))
+            plain = median_us(lambda: ops.quantize_act(x, group))
+            fused = median_us(lambda: ops.hadamard_quantize_act(x, factor, group))
+            rotate = median_us(lambda: ops.hadamard(x, factor))
             packed, scales = ops.quantize_act(x, group)
             moved = x.numel() * x.element_size() + packed.numel() + scales.numel() * 4
             row = dict(tokens=m_tokens, k=k, factor=factor.shape[0], group_size=group,

@@ -147,6 +147,27 @@ GemmPath choose_gemm_path(int64_t m, int64_t group_len, const at::Device& device
   return path;
 }
 
+// The kernels' view of a GEMM: packed operands (16-byte aligned), scales,
+// optional bias, and out, whose dtype is the output's and whose last dim is N.
+cuda::GemmParams gemm_params(const at::Tensor& a_q, const at::Tensor& a_s, const at::Tensor& w_q,
+                             const at::Tensor& w_s, const at::Tensor& bias, at::Tensor& out,
+                             int64_t m, int64_t kp, int64_t groups) {
+  cuda::GemmParams p{};
+  p.a = a_q.const_data_ptr<uint8_t>();
+  p.a_scale = a_s.const_data_ptr<float>();
+  p.w = w_q.const_data_ptr<uint8_t>();
+  p.w_scale = w_s.const_data_ptr<float>();
+  p.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
+  p.bias_kind = bias.defined() ? float_kind(bias.scalar_type()) : cuda::FloatKind::kF32;
+  p.out = out.mutable_data_ptr();
+  p.out_kind = float_kind(out.scalar_type());
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(w_q.size(0));
+  p.kp = static_cast<int>(kp);
+  p.groups = static_cast<int>(groups);
+  return p;
+}
+
 at::Tensor w4a4_gemm_cuda(const at::Tensor& a_q, const at::Tensor& a_s, const at::Tensor& w_q,
                           const at::Tensor& w_s, const std::optional<at::Tensor>& bias,
                           std::optional<at::ScalarType> out_dtype) {
@@ -160,19 +181,7 @@ at::Tensor w4a4_gemm_cuda(const at::Tensor& a_q, const at::Tensor& a_s, const at
   const GemmPath path = choose_gemm_path(d.m, d.group_len, a_q.device());
   const at::Tensor a = aligned_16(a_q), w = aligned_16(w_q);
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  cuda::GemmParams p;
-  p.a = a.const_data_ptr<uint8_t>();
-  p.a_scale = a_s.const_data_ptr<float>();
-  p.w = w.const_data_ptr<uint8_t>();
-  p.w_scale = w_s.const_data_ptr<float>();
-  p.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
-  p.bias_kind = bias_c.defined() ? float_kind(bias_c.scalar_type()) : cuda::FloatKind::kF32;
-  p.out = out.mutable_data_ptr();
-  p.out_kind = float_kind(d.out_dtype);
-  p.m = static_cast<int>(d.m);
-  p.n = static_cast<int>(d.n);
-  p.kp = static_cast<int>(d.kp);
-  p.groups = static_cast<int>(d.groups);
+  const cuda::GemmParams p = gemm_params(a, a_s, w, w_s, bias_c, out, d.m, d.kp, d.groups);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (path) {
     case GemmPath::kDecode: C10_CUDA_CHECK(cuda::launch_gemm_decode(p, stream)); break;
@@ -241,19 +250,7 @@ at::Tensor w4a4_linear_cuda(const at::Tensor& x, const at::Tensor& w_q, const at
   check_int_range(kp, "padded K");
   const at::Tensor a_q = at::empty({qd.rows, kp / 2}, x.options().dtype(at::kByte));
   const at::Tensor a_s = at::empty({qd.rows, groups}, x.options().dtype(at::kFloat));
-  cuda::GemmParams p{};
-  p.a = a_q.const_data_ptr<uint8_t>();
-  p.a_scale = a_s.const_data_ptr<float>();
-  p.w = w.const_data_ptr<uint8_t>();
-  p.w_scale = w_s.const_data_ptr<float>();
-  p.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
-  p.bias_kind = bias_c.defined() ? float_kind(bias_c.scalar_type()) : cuda::FloatKind::kF32;
-  p.out = out.mutable_data_ptr();
-  p.out_kind = float_kind(x.scalar_type());
-  p.m = static_cast<int>(qd.rows);
-  p.n = static_cast<int>(w_q.size(0));
-  p.kp = static_cast<int>(kp);
-  p.groups = static_cast<int>(groups);
+  const cuda::GemmParams p = gemm_params(a_q, a_s, w, w_s, bias_c, out, qd.rows, kp, groups);
   C10_CUDA_CHECK(cuda::launch_linear_decode(p, xc.const_data_ptr(), float_kind(x.scalar_type()),
                                             qd.k, static_cast<float>(act_clip),
                                             c10::cuda::getCurrentCUDAStream()));
