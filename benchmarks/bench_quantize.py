@@ -8,7 +8,6 @@ before every call, operands rotated over copies for small problems).
 """
 import argparse
 import json
-import os
 import sys
 
 import torch

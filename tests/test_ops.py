@@ -1,6 +1,5 @@
 """CPU kernels of every apex4 op: against the float64 reference, under opcheck,
 and on bad input."""
-import itertools
 
 import pytest
 import torch

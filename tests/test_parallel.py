@@ -1,7 +1,6 @@
 """Tensor parallelism: sharding rules on one process, and 2-process gloo runs
 whose logits must match the single-process model's."""
 import json
-import os
 
 import pytest
 import torch

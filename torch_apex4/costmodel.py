@@ -38,9 +38,10 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Iterable, Optional
 
+from .ops import padded_k
+from .plan import Granularity
 from .rho import GpuSpec
 
-Granularity = Optional[int]
 
 DECODE, WGMMA, MMA_SYNC = "decode", "wgmma", "mma.sync"
 VARIANTS = (DECODE, WGMMA, MMA_SYNC)
@@ -58,7 +59,7 @@ DECODE_TOKEN_TILE = 8
 DECODE_WEIGHT_REUSE = 16
 TILE_M = 128
 WGMMA_GROUP_MULTIPLE = 128
-K_ALIGN = 64
+K_ALIGN = padded_k(1, None)  # int4.h's K alignment (the per-channel unit), 64
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,6 @@ class Estimate:
     mma: float
     dequant: float
     quantize: float = 0.0  # the layer's activation quantization (linear only)
-
-
-def padded_k(k: int, group_size: Granularity) -> int:
-    """K rounded up to the group size (or to 64 per channel): the layout rule of
-    csrc/include/apex4/int4.h, restated here so that the model runs without the
-    compiled extension (tests check the two agree)."""
-    unit = K_ALIGN if group_size is None else group_size
-    return -(-k // unit) * unit
 
 
 def _check_problem(m, n, k, group_size):

@@ -4,7 +4,6 @@ scales (layout in docs/design.md) and whose forward runs the apex4 ops."""
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-import torch
 from torch import nn
 
 from .ops import ops
