@@ -51,16 +51,29 @@ $PYTHON setup.py -q egg_info >>"$OUT/build.log" 2>&1 || true
 
 echo "== standalone kernel test (log: $OUT/kernel_test.log)"
 if wait $kernel_test_build; then
-  timeout 120 build/cuda_kernel_test >"$OUT/kernel_test.log" 2>&1 || status=1
+  timeout 120 build/cuda_kernel_test >"$OUT/kernel_test.log" 2>&1
+  kernel_test_rc=$?
+  if [[ $kernel_test_rc -ne 0 ]]; then
+    status=1
+    echo "kernel_test exited with $kernel_test_rc; its log ends:"; tail -3 "$OUT/kernel_test.log"
+  fi
   grep -E "FAILED|passed" "$OUT/kernel_test.log" | head -30
 else
   status=1
 fi
 { echo "== kernel_test build"; cat "$KERNEL_TEST_LOG"; } >>"$OUT/build.log"
 rm -f "$KERNEL_TEST_LOG"
+# A kernel that hung there would hang the torch tests too: stop early.
+if [[ ${kernel_test_rc:-0} -eq 124 ]]; then
+  echo "kernel_test timed out (a kernel hangs): stopping"
+  exit 1
+fi
 
 echo "== CUDA tests (log: $OUT/test_cuda.log)"
-timeout 300 $PYTHON -m pytest -q --maxfail=10 -p no:cacheprovider --durations=5 tests/test_cuda_*.py \
+# faulthandler_timeout: a test still running after 60 s gets every thread's
+# stack dumped into the log (the run goes on), so a hang names its test.
+timeout 300 $PYTHON -m pytest -q --maxfail=10 -p no:cacheprovider --durations=5 \
+  -o faulthandler_timeout=60 tests/test_cuda_*.py \
   >"$OUT/test_cuda.log" 2>&1 || status=1
 tail -12 "$OUT/test_cuda.log"
 

@@ -51,6 +51,8 @@
 
 #include <cuda.h>  // CUtensorMap
 
+#include <atomic>
+
 #include "apex4/int4.h"
 #include "cuda/gemm_epilogue.cuh"
 #include "cuda/launch.h"
@@ -79,8 +81,15 @@ struct WgmmaShape {
   static constexpr int kJobs = kRows / 32;
   // Registers: the producer needs few, the consumers the accumulators
   // (kBN / 2, per group twice: int32 partials and fp32 sums) plus
-  // addressing; 128 * 48 + 256 * 224 <= 64K.
+  // addressing. setmaxnreg moves registers within the block's pool, which is
+  // what the launch allocated: kThreads * the per-thread count ptxas chose
+  // (at most kLaunchRegisters under __launch_bounds__(kThreads, 1), 168). A
+  // role asking for more than the pool holds spins in setmaxnreg forever:
+  // checked here and, against the count ptxas actually chose, at launch.
   static constexpr int kProducerRegisters = 48, kConsumerRegisters = 224;
+  static constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
+  static constexpr int kRoleRegisters =
+      kProducerThreads * kProducerRegisters + kConsumerThreads * kConsumerRegisters;
   static constexpr int kBarrierBytes = 8 * 2 * (kInt8Stages + kPackedStages);
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kInt8Stages * kInt8StageBytes +
                                     kPackedStages * kPackedStageBytes + kBarrierBytes;
@@ -90,6 +99,8 @@ struct WgmmaShape {
                     kBM * kPackedRowBytes % 1024 == 0,
                 "swizzle patterns need 1024-byte aligned stages and W boxes");
   static_assert(kSmemBytes <= 227 * 1024);
+  static_assert(kRoleRegisters <= kThreads * kLaunchRegisters,
+                "setmaxnreg would wait forever for registers the block does not have");
 };
 
 using WgmmaWide = WgmmaShape<256, false, false, 3, 3>;   // per channel, enough tiles
@@ -482,6 +493,18 @@ cudaError_t launch_gemm_wgmma_shape(const GemmParams& p, const SplitK& split, in
                                Shape::kSmemBytes);
   }
   if (err != cudaSuccess) return err;
+  // A build whose ptxas gave the kernel fewer registers than the roles
+  // redistribute would hang in setmaxnreg: refuse to launch it instead.
+  static std::atomic<int> registers{0};  // ptxas's per-thread count, looked up once
+  if (registers.load(std::memory_order_relaxed) == 0) {
+    cudaFuncAttributes attr;
+    err = cudaFuncGetAttributes(&attr, kernel);
+    if (err != cudaSuccess) return err;
+    registers.store(attr.numRegs, std::memory_order_relaxed);
+  }
+  if (registers.load(std::memory_order_relaxed) * Shape::kThreads < Shape::kRoleRegisters) {
+    return cudaErrorLaunchOutOfResources;
+  }
   const int64_t units = wgmma_output_tiles<Shape>(p) * split.splits;
   const unsigned blocks = static_cast<unsigned>(units < sms ? units : sms);
   kernel<<<blocks, Shape::kThreads, Shape::kSmemBytes, stream>>>(p, split, a_map, w_map);

@@ -344,6 +344,10 @@ void test_linear_decode(FloatKind kind, const char* type_name, int m, int n, int
 }  // namespace
 
 int main() {
+  // Line-buffered even into a file, with a line as each part starts: if a
+  // kernel hangs and the run is killed, the log ends at the part that hung.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  std::printf("quantize, pack\n");
   std::mt19937 rng(1234);
   for (int64_t group : {0, 64, 128, 256}) {
     for (int64_t k : {64, 576, 1000, 4096}) {
@@ -385,8 +389,10 @@ int main() {
                {"decode", apex4::cuda::launch_gemm_decode, true}};
   for (const auto& path : paths) {
     if (!path.runs) continue;
+    std::printf("gemm %s\n", path.name);
     for (const GemmCase& c : cases) test_gemm(path.name, path.launch, c, rng);
   }
+  std::printf("linear decode\n");
   for (int64_t group : {0, 64, 128}) {
     for (int m : {1, 3, 8, 9, 16}) {
       test_linear_decode<__half>(FloatKind::kF16, "f16", m, 300, 1000, group, rng);
