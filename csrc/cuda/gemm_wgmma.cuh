@@ -360,6 +360,24 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
 
   int q = 0;  // INT8 stage of the next slice, and its barriers' phase parity
   uint32_t phase = 0;
+  // One stage: its wgmmas issued back to back (the first one adding to acc or,
+  // with accumulate = 0, overwriting it), then the previous stage handed back
+  // once its wgmmas are done; this stage's run on while the next is waited for.
+  auto mma_stage = [&](int(&acc)[kAcc], int accumulate, int& previous_q) {
+    if (ctid == 0 && issue.valid(schedule)) issue_next();
+    mbarrier_wait(full_bar(q), phase);
+    wgmma_fence();
+    wgmma_s8_k32<kBN>(acc, a_desc(q, 0), b_desc(q, 0), accumulate);
+#pragma unroll
+    for (int step = 1; step < Shape::kKSteps; ++step) {
+      wgmma_s8_k32<kBN>(acc, a_desc(q, step), b_desc(q, step), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    if (previous_q >= 0) mbarrier_arrive(empty_bar(previous_q));
+    previous_q = q;
+    if (++q == kQ) q = 0, phase ^= 1;
+  };
   for (int u = blockIdx.x; u < schedule.units; u += gridDim.x) {
     const WorkUnit w = schedule.unit(u);
     const int thread_m = w.origin.m0 + 64 * wg + 16 * warp + lane / 4;
@@ -377,22 +395,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) acc[i] = 0;
       int previous_q = -1;
-      for (int kt = w.k_begin; kt < w.k_end; ++kt) {
-        if (ctid == 0 && issue.valid(schedule)) issue_next();
-        mbarrier_wait(full_bar(q), phase);
-        wgmma_fence();
-#pragma unroll
-        for (int step = 0; step < Shape::kKSteps; ++step) {
-          wgmma_s8_k32<kBN>(acc, a_desc(q, step), b_desc(q, step), 1);
-        }
-        wgmma_commit();
-        // The previous stage's wgmmas are done: hand it back. This stage's
-        // run on while the next is waited for.
-        wgmma_wait<1>();
-        if (previous_q >= 0) mbarrier_arrive(empty_bar(previous_q));
-        previous_q = q;
-        if (++q == kQ) q = 0, phase ^= 1;
-      }
+      for (int kt = w.k_begin; kt < w.k_end; ++kt) mma_stage(acc, 1, previous_q);
       wgmma_wait<0>();
       mbarrier_arrive(empty_bar(previous_q));
 
@@ -410,9 +413,8 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
           });
     } else {
       // Per group (whole stages: the launcher sends other group lengths to
-      // the mma.sync kernel): each group runs the per-channel stage loop
-      // (wgmmas issued back to back, one stage in flight while the next is
-      // waited for), the group's scales are loaded while its last wgmmas
+      // the mma.sync kernel): each group runs mma_stage over its stages, as
+      // per channel, the group's scales are loaded while its last wgmmas
       // finish, and its int32 partials are folded into the fp32 sums.
       int acc[kAcc];
       float facc[kAcc];
@@ -421,21 +423,9 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
       const int stages_per_group = p.kp / p.groups / Shape::kBK;
       for (int group = 0; group < p.groups; ++group) {
         int previous_q = -1;
+        // A group's first stage overwrites the previous group's partials.
         for (int stage = 0; stage < stages_per_group; ++stage) {
-          if (ctid == 0 && issue.valid(schedule)) issue_next();
-          mbarrier_wait(full_bar(q), phase);
-          wgmma_fence();
-          // A group's first step overwrites the previous group's partials.
-          wgmma_s8_k32<kBN>(acc, a_desc(q, 0), b_desc(q, 0), stage != 0);
-#pragma unroll
-          for (int step = 1; step < Shape::kKSteps; ++step) {
-            wgmma_s8_k32<kBN>(acc, a_desc(q, step), b_desc(q, step), 1);
-          }
-          wgmma_commit();
-          wgmma_wait<1>();
-          if (previous_q >= 0) mbarrier_arrive(empty_bar(previous_q));
-          previous_q = q;
-          if (++q == kQ) q = 0, phase ^= 1;
+          mma_stage(acc, stage != 0, previous_q);
         }
         const float rs[2] = {row_scale(0, group), row_scale(1, group)};
         float sw[kBN / 4];  // columns thread_n + 8 nt + j at 2 nt + j
