@@ -70,10 +70,13 @@ if [[ ${kernel_test_rc:-0} -eq 124 ]]; then
 fi
 
 echo "== CUDA tests (log: $OUT/test_cuda.log)"
-# faulthandler_timeout: a test still running after 60 s gets every thread's
-# stack dumped into the log (the run goes on), so a hang names its test.
+# A test still running after 60 s gets every thread's stack dumped into the
+# log, so a hang names its test; with pytest-timeout (the GPU image has it)
+# one running past 120 s also ends the run there, not at the 300 s limit.
+HANG_ARGS=(-o faulthandler_timeout=60)
+$PYTHON -c "import pytest_timeout" 2>/dev/null && HANG_ARGS+=(--timeout=120 --timeout-method=thread)
 timeout 300 $PYTHON -m pytest -q --maxfail=10 -p no:cacheprovider --durations=5 \
-  -o faulthandler_timeout=60 tests/test_cuda_*.py \
+  "${HANG_ARGS[@]}" tests/test_cuda_*.py \
   >"$OUT/test_cuda.log" 2>&1 || status=1
 tail -12 "$OUT/test_cuda.log"
 
