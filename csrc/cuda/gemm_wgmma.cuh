@@ -189,21 +189,27 @@ __device__ __forceinline__ bool add_split_partials(const GemmParams& p, const Sp
   auto at = [&](int sp, int m, int n) {
     return split.partials + (static_cast<int64_t>(sp) * p.m + m) * p.n + n;
   };
+  // f(i, m, n) for each of the thread's accumulator pairs (acc[i], acc[i + 1])
+  // at row m, columns n and n + 1, where they are inside the output.
+  auto each_pair = [&](auto&& f) {
 #pragma unroll
-  for (int nt = 0; nt < kBN / 8; ++nt) {
+    for (int nt = 0; nt < kBN / 8; ++nt) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = thread_m + 8 * h, n = thread_n + 8 * nt, i = 4 * nt + 2 * h;
-      if (m >= p.m || n >= p.n) continue;
-      int* dst = at(w.split, m, n);
-      if (pairs) {
-        __stcg(reinterpret_cast<int2*>(dst), make_int2(acc[i], acc[i + 1]));
-      } else {
-        __stcg(dst, acc[i]);
-        if (n + 1 < p.n) __stcg(dst + 1, acc[i + 1]);
+      for (int h = 0; h < 2; ++h) {
+        const int m = thread_m + 8 * h, n = thread_n + 8 * nt;
+        if (m < p.m && n < p.n) f(4 * nt + 2 * h, m, n);
       }
     }
-  }
+  };
+  each_pair([&](int i, int m, int n) {
+    int* dst = at(w.split, m, n);
+    if (pairs) {
+      __stcg(reinterpret_cast<int2*>(dst), make_int2(acc[i], acc[i + 1]));
+    } else {
+      __stcg(dst, acc[i]);
+      if (n + 1 < p.n) __stcg(dst + 1, acc[i + 1]);
+    }
+  });
   __threadfence();
   consumer_barrier();
   if (ctid == 0) last_split = atomicAdd(split.counters + w.tile, 1) == splits - 1;
@@ -212,23 +218,17 @@ __device__ __forceinline__ bool add_split_partials(const GemmParams& p, const Sp
   __threadfence();
   for (int sp = 0; sp < splits; ++sp) {
     if (sp == w.split) continue;
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int m = thread_m + 8 * h, n = thread_n + 8 * nt, i = 4 * nt + 2 * h;
-        if (m >= p.m || n >= p.n) continue;
-        const int* src = at(sp, m, n);
-        if (pairs) {
-          const int2 v = __ldcg(reinterpret_cast<const int2*>(src));
-          acc[i] += v.x;
-          acc[i + 1] += v.y;
-        } else {
-          acc[i] += __ldcg(src);
-          if (n + 1 < p.n) acc[i + 1] += __ldcg(src + 1);
-        }
+    each_pair([&](int i, int m, int n) {
+      const int* src = at(sp, m, n);
+      if (pairs) {
+        const int2 v = __ldcg(reinterpret_cast<const int2*>(src));
+        acc[i] += v.x;
+        acc[i + 1] += v.y;
+      } else {
+        acc[i] += __ldcg(src);
+        if (n + 1 < p.n) acc[i + 1] += __ldcg(src + 1);
       }
-    }
+    });
   }
   if (ctid == 0) split.counters[w.tile] = 0;  // ready for reuse
   return true;
