@@ -168,19 +168,38 @@ def with_gemm_path(path, fn):
     return run
 
 
-def measure(fn):
-    """Median microseconds, or None where the baseline does not support the
-    shape (e.g. torch._int_mm needs M > 16)."""
+def graph_replay(fn):
+    """fn called MAX_COPIES times in one CUDA graph, as decode steps run
+    (no per-call launch cost on the CPU); every call still gets operands
+    that are not in L2 (rotating's copies span ROTATION_BYTES)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # one-time setup (kernel attributes) outside the capture
+        for _ in range(MAX_COPIES):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(MAX_COPIES):
+            fn()
+    return graph.replay
+
+
+def measure(fn, cuda_graph):
+    """Median microseconds per call, or None where the baseline does not
+    support the shape (e.g. torch._int_mm needs M > 16)."""
     try:
         fn()
         torch.cuda.synchronize()
     except (RuntimeError, ValueError) as err:
         print(f"    unsupported: {str(err).splitlines()[0][:100]}", file=sys.stderr)
         return None
+    if cuda_graph:
+        return median_us(graph_replay(fn)) / MAX_COPIES
     return median_us(fn)
 
 
-def run(shapes, tokens, granularities, compare_paths, quant_gemm):
+def run(shapes, tokens, granularities, compare_paths, quant_gemm, cuda_graph):
     records = []
     for name, k, n in shapes:
         for m in tokens:
@@ -197,7 +216,7 @@ def run(shapes, tokens, granularities, compare_paths, quant_gemm):
                           for path in compare_paths]
             row = []
             for method, granularity, fn in cases:
-                us = measure(fn)
+                us = measure(fn, cuda_graph)
                 row.append(dict(shape=name, k=k, n=n, m=m, method=method, granularity=granularity,
                                 median_us=us, tops=None if us is None else 2 * m * n * k / us / 1e6))
             fp16_us = row[0]["median_us"]
@@ -210,7 +229,7 @@ def run(shapes, tokens, granularities, compare_paths, quant_gemm):
     return records
 
 
-def print_table(records):
+def print_table(records, cuda_graph):
     columns = []
     for r in records:
         key = (r["method"], r["granularity"])
@@ -235,7 +254,8 @@ def print_table(records):
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
     print("cells: speedup over FP16 F.linear (higher is better); 'linear' = w4a4_linear on the "
           "fp16 input (activation quantization included), 'gemm' = w4a4_gemm on quantized input; "
-          "apex4 outputs fp16")
+          "apex4 outputs fp16; " + ("CUDA-graph replays (no CPU launch cost)" if cuda_graph
+                                    else "eager calls"))
 
 
 def main():
@@ -253,6 +273,9 @@ def main():
                         help="extra w4a4_gemm columns with APEX4_GEMM_PATH forced")
     parser.add_argument("--quant-gemm", action="store_true",
                         help="add a quantize_act + w4a4_gemm column (w4a4_linear unfused)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time every cell as CUDA-graph replays, the way decode steps run "
+                             "(small-M cells are otherwise bound by the CPU's launch cost)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gemm.py needs a CUDA GPU")
@@ -262,14 +285,16 @@ def main():
     granularities = (args.granularities
                      or (QUICK_GRANULARITIES if args.quick else GRANULARITIES))
     torch.manual_seed(0)
-    records = run(shapes, tokens, granularities, args.compare_paths, args.quant_gemm)
+    records = run(shapes, tokens, granularities, args.compare_paths, args.quant_gemm,
+                  args.cuda_graph)
     if args.json:
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                    cuda=torch.version.cuda, gemm_path=os.environ.get("APEX4_GEMM_PATH", "auto"))
+                    cuda=torch.version.cuda, gemm_path=os.environ.get("APEX4_GEMM_PATH", "auto"),
+                    timing="cuda-graph" if args.cuda_graph else "eager")
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, records=records), f, indent=1)
         print(f"wrote {args.json}", file=sys.stderr)
-    print_table(records)
+    print_table(records, args.cuda_graph)
 
 
 if __name__ == "__main__":
