@@ -131,6 +131,8 @@ def test_backend_rewrites_rotated_linears_and_matches_eager():
         assert rewrite_quantized_linears(gm) == 14
         targets = [n.target for n in gm.graph.nodes]
         assert targets.count(torch.ops.apex4.hadamard_quantize_act.default) == 4
+        # The unrotated q/k/v and gate/up share a quantizer per layer.
+        assert targets.count(torch.ops.apex4.quantize_act.default) == 4
         assert torch.equal(gm(*inputs)[0], before)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="apex4", fullgraph=True)

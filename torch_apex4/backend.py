@@ -12,7 +12,8 @@ is static and whose planned variant is the decode kernel stays a
 dependent launch pair. Every other layer is lowered into its activation
 quantizer (`quantize_act`, or `hadamard_quantize_act` with the rotation fused)
 + `w4a4_gemm` at the weight's granularity, whose kernel w4a4_gemm picks by the
-token count (APEX4_GEMM_PATH=auto). w4a4_gemm takes no per-call kernel
+token count (APEX4_GEMM_PATH=auto); layers that read the same input at the
+same quantization (q/k/v, gate/up) share one quantizer call. w4a4_gemm takes no per-call kernel
 argument, so where the planner's variant is not the one w4a4_gemm picks,
 the plan records both (`KernelChoice.runs`). The graph then goes to Inductor,
 which compiles everything around the apex4 ops.
@@ -106,6 +107,9 @@ def rewrite_quantized_linears(gm: fx.GraphModule, planner=None) -> int:
     graph = gm.graph
     count = 0
     choices = []
+    # Layers that read the same input at the same quantization (q/k/v, gate/up)
+    # share one quantizer call: (x, rotation, group_size, act_clip) -> (a_q, a_s).
+    quantized_inputs = {}
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in W4A4_LINEAR + W4A4_ROTATED_LINEAR:
             continue
@@ -124,13 +128,16 @@ def rewrite_quantized_linears(gm: fx.GraphModule, planner=None) -> int:
             if keep:
                 continue
         with graph.inserting_before(node):
-            if rotated:
-                quantized = graph.call_function(HADAMARD_QUANTIZE_ACT,
-                                                (x, rotation, group_size, act_clip))
-            else:
-                quantized = graph.call_function(QUANTIZE_ACT, (x, group_size, act_clip))
-            a_q = graph.call_function(operator.getitem, (quantized, 0))
-            a_s = graph.call_function(operator.getitem, (quantized, 1))
+            key = (x, rotation, group_size, act_clip)
+            if key not in quantized_inputs:
+                if rotated:
+                    quantized = graph.call_function(HADAMARD_QUANTIZE_ACT,
+                                                    (x, rotation, group_size, act_clip))
+                else:
+                    quantized = graph.call_function(QUANTIZE_ACT, (x, group_size, act_clip))
+                quantized_inputs[key] = (graph.call_function(operator.getitem, (quantized, 0)),
+                                         graph.call_function(operator.getitem, (quantized, 1)))
+            a_q, a_s = quantized_inputs[key]
             out = graph.call_function(W4A4_GEMM, (a_q, a_s, w_q, w_s, bias, _meta(x).dtype))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
