@@ -79,14 +79,15 @@ struct WgmmaShape {
   // A producer job is a warp's 8 rows x 4 chunks of a slice; the four
   // producer warps cover 32 rows per job.
   static constexpr int kJobs = kRows / 32;
-  // Registers: the producer needs few, the consumers the accumulators
-  // (kBN / 2, per group twice: int32 partials and fp32 sums) plus
-  // addressing. setmaxnreg moves registers within the block's pool, which is
+  // Registers: the producer holds a slice's kJobs loaded words (4 each),
+  // the consumers the accumulators (kBN / 2, per group twice: int32
+  // partials and fp32 sums) plus addressing. setmaxnreg moves registers within the block's pool, which is
   // what the launch allocated: kThreads * the per-thread count ptxas chose
   // (at most kLaunchRegisters under __launch_bounds__(kThreads, 1), 168). A
   // role asking for more than the pool holds spins in setmaxnreg forever:
   // checked here and, against the count ptxas actually chose, at launch.
-  static constexpr int kProducerRegisters = 48, kConsumerRegisters = 224;
+  static constexpr int kProducerRegisters = kBN == 256 ? 80 : 56;
+  static constexpr int kConsumerRegisters = kBN == 256 ? 208 : 224;
   static constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
   static constexpr int kRoleRegisters =
       kProducerThreads * kProducerRegisters + kConsumerThreads * kConsumerRegisters;
@@ -298,11 +299,21 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
       mbarrier_wait(empty_bar(q), phase ^ 1);
       const uint32_t packed = packed_base() + s * Shape::kPackedStageBytes;
       const uint32_t int8 = int8_base() + q * Shape::kInt8StageBytes;
+      // Every load of the slice is issued before the first store (the
+      // asm's memory clobbers keep the compiler from hoisting them): one
+      // shared-memory latency per slice, not one per job.
+      uint4 words[Shape::kJobs];
 #pragma unroll
       for (int i = 0; i < Shape::kJobs; ++i) {
         const int row = job_row(i);
-        const uint4 w = ld_shared_16(packed + row * Shape::kPackedRowBytes +
-                                     ((chunk ^ ((row >> 1) & 3)) << 4));
+        words[i] = ld_shared_16(packed + row * Shape::kPackedRowBytes +
+                                ((chunk ^ ((row >> 1) & 3)) << 4));
+      }
+      mbarrier_arrive(packed_empty_bar(s));
+#pragma unroll
+      for (int i = 0; i < Shape::kJobs; ++i) {
+        const int row = job_row(i);
+        const uint4 w = words[i];
         const uint4 even = make_uint4(Int8Mma::even_x16(w.x), Int8Mma::even_x16(w.y),
                                       Int8Mma::even_x16(w.z), Int8Mma::even_x16(w.w));
         const uint4 odd = make_uint4(Int8Mma::odd_x16(w.x), Int8Mma::odd_x16(w.y),
@@ -311,7 +322,6 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
         st_shared_16(dst + ((even_chunk ^ (row & 7)) << 4), even);
         st_shared_16(dst + (((even_chunk + 2) ^ (row & 7)) << 4), odd);
       }
-      mbarrier_arrive(packed_empty_bar(s));
       fence_proxy_async_shared();
       mbarrier_arrive(full_bar(q));
       if (++q == kQ) q = 0, phase ^= 1;
