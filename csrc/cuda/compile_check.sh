@@ -2,7 +2,8 @@
 # Compiles every CUDA translation unit under csrc/cuda for sm_80, sm_89 and
 # sm_90a (object files only; no GPU needed), with the flags setup.py and
 # torch.utils.cpp_extension use, and builds the standalone kernel test
-# (csrc/cuda/tests/kernel_test.cu) into build/cuda_kernel_test.
+# (csrc/cuda/tests/kernel_test.cu) into build/cuda_kernel_test and the
+# timing program (csrc/cuda/tests/gemm_timing.cu) into build/gemm_timing.
 #
 #   csrc/cuda/compile_check.sh            # compile; fail on any error or spill
 #   csrc/cuda/compile_check.sh --verbose  # also print ptxas register/smem use
@@ -67,5 +68,15 @@ else
   check_log "$OUT/kernel_test.log"
 fi
 
-[[ $status == 0 ]] && echo "compile check passed: ${#kernel_srcs[@]} kernel units + ops_cuda.cu + kernel_test for sm_80, sm_89, sm_90a"
+# The torch-free timing program is Hopper-only (wgmma).
+echo "== csrc/cuda/tests/gemm_timing.cu (sm_90a)"
+if ! $NVCC "${FLAGS[@]}" -gencode=arch=compute_90a,code=sm_90a csrc/cuda/tests/gemm_timing.cu \
+    csrc/cuda/gemm_wgmma.cu csrc/cuda/gemm_tiled_int8.cu csrc/cuda/gemm_decode.cu \
+    csrc/cuda/quantize.cu -o build/gemm_timing >"$OUT/gemm_timing.log" 2>&1; then
+  cat "$OUT/gemm_timing.log"; status=1
+else
+  check_log "$OUT/gemm_timing.log"
+fi
+
+[[ $status == 0 ]] && echo "compile check passed: ${#kernel_srcs[@]} kernel units + ops_cuda.cu + kernel_test for sm_80, sm_89, sm_90a; gemm_timing for sm_90a"
 exit $status

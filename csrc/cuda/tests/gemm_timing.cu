@@ -1,14 +1,18 @@
-// Kernel timings of the wgmma GEMM variants, without torch: each variant is
-// launched through the torch-free launchers on random packed operands, after
-// a 256 MB memset that leaves L2 cold and dirty (as triton's do_bench does);
-// CUDA events around the launch alone, median of kReps. Every variant's
-// output is checked against a reference variant first (per channel: the same
-// bits; per group: the mma.sync kernel, within fp32 rounding).
+// Kernel timings of the Hopper GEMM variants (wgmma, and the decode kernel
+// for a few tokens), without torch: each variant is launched through the
+// torch-free launchers on random packed operands, after a 256 MB memset that
+// leaves L2 cold and dirty (as triton's do_bench does); CUDA events around
+// the launch alone, median of kReps. Every variant's output is checked
+// against a reference variant first (per channel: the same bits; per group:
+// the mma.sync kernel, within fp32 rounding). To compare a kernel change,
+// build this twice, the second time with `-I` to a folder holding the
+// changed header (e.g. cuda/gemm_decode.cuh) ahead of -Icsrc.
 //
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -Icsrc/include -Icsrc \
-//     -gencode=arch=compute_90a,code=sm_90a csrc/cuda/tests/wgmma_timing.cu \
-//     csrc/cuda/gemm_wgmma.cu csrc/cuda/gemm_tiled_int8.cu -o build/wgmma_timing
-//   build/wgmma_timing [splitk|grouped|wide]...   (default: all)
+//     -gencode=arch=compute_90a,code=sm_90a csrc/cuda/tests/gemm_timing.cu \
+//     csrc/cuda/gemm_wgmma.cu csrc/cuda/gemm_tiled_int8.cu csrc/cuda/gemm_decode.cu \
+//     csrc/cuda/quantize.cu -o build/gemm_timing
+//   build/gemm_timing [splitk|grouped|wide|decode]...   (default: all)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -20,6 +24,7 @@
 #include <vector>
 
 #include "cuda/gemm_wgmma.cuh"
+#include "cuda/launch.h"
 
 using namespace apex4::cuda;
 
@@ -60,6 +65,10 @@ struct Problem {
   uint8_t *a, *w;
   float *sa, *sw;
   float* out;
+  // What a kernel must move at least: packed operands, scales, fp32 output.
+  double bytes() const {
+    return double(n + m) * (k / 2 + 4.0 * groups) + 4.0 * m * n;
+  }
   GemmParams params() const {
     return GemmParams{a, sa, w, sw, nullptr, FloatKind::kF32, out, FloatKind::kF32,
                       m, n, k, groups};
@@ -144,8 +153,9 @@ void run_variants(Problem& pr, const std::vector<std::pair<std::string, std::fun
     }
     if (!ok) ++g_failures;
     const double us = median_us(vs[i].second);
-    std::printf("M=%5d N=%5d K=%5d G=%4d  %-22s %9.1f us %7.0f TOP/s %s\n", pr.m, pr.n, pr.k,
-                pr.groups, vs[i].first.c_str(), us, ops / us / 1e6, ok ? "" : "MISMATCH");
+    std::printf("M=%5d N=%5d K=%5d G=%4d  %-22s %9.1f us %7.0f TOP/s %6.0f GB/s %s\n", pr.m,
+                pr.n, pr.k, pr.groups, vs[i].first.c_str(), us, ops / us / 1e6,
+                pr.bytes() / us / 1e3, ok ? "" : "MISMATCH");
     std::fflush(stdout);
   }
 }
@@ -235,6 +245,26 @@ void wide(int sms) {
   }
 }
 
+// The decode kernel for a few tokens against mma.sync (the reference);
+// GB/s is the bandwidth the shape needs at the measured time.
+void decode(int) {
+  std::printf("== decode kernel, M <= 16\n");
+  for (const auto& s : kShapes) {
+    for (int m : {1, 16}) {
+      for (int len : {0, 128}) {
+        Problem pr = make_problem(m, s[1], s[0], len == 0 ? 1 : s[0] / len);
+        const GemmParams p = pr.params();
+        const std::string label = len == 0 ? " pc" : " g128";
+        run_variants(pr,
+                     {{"tiled_int8" + label, [=] { CUDA_OK(launch_gemm_tiled_int8(p, nullptr)); }},
+                      {"decode" + label, [=] { CUDA_OK(launch_gemm_decode(p, nullptr)); }}},
+                     len == 0);
+        free_problem(pr);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -246,11 +276,12 @@ int main(int argc, char** argv) {
   std::printf("%s, %d SMs\n", prop.name, sms);
   CUDA_OK(cudaMalloc(&g_flush, kFlushBytes));
   std::vector<std::string> parts(argv + 1, argv + argc);
-  if (parts.empty()) parts = {"splitk", "grouped", "wide"};
+  if (parts.empty()) parts = {"splitk", "grouped", "wide", "decode"};
   for (const std::string& part : parts) {
     if (part == "splitk") splitk(sms);
     if (part == "grouped") grouped(sms);
     if (part == "wide") wide(sms);
+    if (part == "decode") decode(sms);
   }
   std::printf("%d mismatches\n", g_failures);
   return g_failures == 0 ? 0 : 1;
