@@ -9,6 +9,7 @@ import torch_apex4 as apex4
 from torch_apex4 import checkpoint
 from torch_apex4.checkpoint import load_quantized, save_quantized
 from torch_apex4.plan import GranularityPlan
+from torch_apex4.quantize import consecutive_rows
 from torch_apex4.rotation import RotatedInputLinear, rotate_
 
 
@@ -58,6 +59,9 @@ def test_round_trip_is_exact(tmp_path, tie, group_size):
     assert not loaded.training
     assert loaded.generation_config.max_new_tokens == 7
     assert loaded.apex4_checkpoint == {"base_model": "tiny-llama", "plan": plan, "rotation": None}
+    for layer in loaded.model.layers:  # stored apart, fused again on loading
+        attn = layer.self_attn
+        assert consecutive_rows([attn.q_proj.w_q, attn.k_proj.w_q, attn.v_proj.w_q])
 
 
 @pytest.mark.parametrize("quantize_down_proj", [True, False])

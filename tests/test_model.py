@@ -7,7 +7,8 @@ from torch import nn
 
 import torch_apex4 as apex4
 from graphs import captured_graph
-from torch_apex4.backend import W4A4_LINEAR, rewrite_quantized_linears
+from torch_apex4.backend import W4A4_LINEAR, fuse_sibling_linears, rewrite_quantized_linears
+from torch_apex4.quantize import consecutive_rows
 
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 INPUTS_PER_LAYER = 4  # q/k/v share theirs, gate/up theirs
@@ -104,6 +105,89 @@ def test_rewrite_puts_apex4_ops_where_the_linears_were(tiny_llama, group_size):
         after = gm(*inputs)
     # The rewrite alone changes no arithmetic: bit-identical logits.
     assert torch.equal(before[0], after[0])
+
+
+def sibling_sets(model):
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        yield [attn.q_proj, attn.k_proj, attn.v_proj]
+        yield [mlp.gate_proj, mlp.up_proj]
+
+
+def unfuse(model):
+    for layers in sibling_sets(model):
+        for layer in layers:
+            layer.w_q, layer.w_s = layer.w_q.clone(), layer.w_s.clone()
+
+
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_quantize_keeps_sibling_weights_in_one_tensor(tiny_llama, group_size):
+    apex4.quantize_(tiny_llama, apex4.W4A4Config(group_size=group_size))
+    for layers in sibling_sets(tiny_llama):
+        for buffer in ("w_q", "w_s"):
+            assert consecutive_rows([getattr(layer, buffer) for layer in layers])
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.inference_mode():
+        fused = tiny_llama(ids).logits
+    pointers = [layer.w_q.data_ptr() for layers in sibling_sets(tiny_llama) for layer in layers]
+    # Fusing again finds the sets fused and moves nothing.
+    assert apex4.fuse_projections_(tiny_llama) == 4
+    assert pointers == [layer.w_q.data_ptr() for layers in sibling_sets(tiny_llama) for layer in layers]
+    unfuse(tiny_llama)
+    assert not consecutive_rows([layer.w_q for layer in next(sibling_sets(tiny_llama))])
+    with torch.inference_mode():
+        assert torch.equal(tiny_llama(ids).logits, fused)
+
+
+def test_siblings_at_different_granularities_stay_apart(tiny_llama):
+    plan = apex4.GranularityPlan({"model.layers.0.self_attn.k_proj": 64})
+    apex4.quantize_(tiny_llama, apex4.W4A4Config(group_size=None), plan=plan)
+    attn, mlp = tiny_llama.model.layers[0].self_attn, tiny_llama.model.layers[0].mlp
+    assert not consecutive_rows([attn.q_proj.w_q, attn.k_proj.w_q, attn.v_proj.w_q])
+    assert consecutive_rows([mlp.gate_proj.w_q, mlp.up_proj.w_q])
+
+
+def test_backend_runs_each_sibling_set_as_one_linear(tiny_llama):
+    apex4.quantize_(tiny_llama, apex4.W4A4Config(group_size=128))
+    gm, inputs = captured_graph(tiny_llama, torch.randint(0, 256, (1, 9)))
+    with torch.inference_mode():
+        before = gm(*inputs)
+    fused = fuse_sibling_linears(gm)
+    # Per layer: q/k/v and gate/up, each with its weights and its scales.
+    assert len(fused) == 2 * 2 * 2 and [len(names) for names in fused[:2]] == [3, 3]
+    assert sum(t in W4A4_LINEAR for t in targets(gm)) == 2 * INPUTS_PER_LAYER
+    assert rewrite_quantized_linears(gm) == 2 * INPUTS_PER_LAYER
+    assert targets(gm).count(torch.ops.apex4.w4a4_gemm.default) == 2 * INPUTS_PER_LAYER
+    with torch.inference_mode():
+        after = gm(*inputs)
+    assert torch.equal(before[0], after[0])
+
+
+def test_backend_warns_about_siblings_with_separate_weights(tiny_llama, caplog):
+    apex4.quantize_(tiny_llama, apex4.W4A4Config(group_size=None))
+    unfuse(tiny_llama)
+    gm, _ = captured_graph(tiny_llama, torch.randint(0, 256, (1, 3)))
+    with caplog.at_level("WARNING", logger="torch_apex4.backend"):
+        assert fuse_sibling_linears(gm) == []
+    assert "fuse_projections_" in caplog.text
+
+
+def test_compiled_model_rejects_sibling_weights_moved_apart(tiny_llama):
+    apex4.quantize_(tiny_llama, apex4.W4A4Config(group_size=None))
+    torch._dynamo.reset()
+    compiled = torch.compile(tiny_llama, backend="apex4")
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.inference_mode():
+        first = compiled(ids).logits
+    attn = tiny_llama.model.layers[1].self_attn
+    attn.v_proj.w_q = attn.v_proj.w_q.clone()  # as .to() would leave it
+    # The compiled graph reads q/k/v through q_proj's view: refuse.
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="fuse_projections_"):
+        compiled(ids)
+    apex4.fuse_projections_(tiny_llama)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        assert torch.equal(torch.compile(tiny_llama, backend="apex4")(ids).logits, first)
 
 
 def test_compiled_model_matches_eager_and_compiles_at_most_twice(tiny_llama):

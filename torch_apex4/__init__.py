@@ -6,10 +6,10 @@
 """
 from .ops import num_groups, ops, padded_k
 from .checkpoint import load_quantized, save_quantized
-from .quantize import W4A4Config, W4A4Linear, linear_weight_bytes, quantize_
+from .quantize import W4A4Config, W4A4Linear, fuse_projections_, linear_weight_bytes, quantize_
 from .parallel import parallelize_
 from .plan import GranularityPlan
 from .rotation import rotate_, smooth_
 
-__all__ = ["W4A4Config", "W4A4Linear", "quantize_", "rotate_", "smooth_", "parallelize_", "GranularityPlan", "linear_weight_bytes",
+__all__ = ["W4A4Config", "W4A4Linear", "quantize_", "fuse_projections_", "rotate_", "smooth_", "parallelize_", "GranularityPlan", "linear_weight_bytes",
            "save_quantized", "load_quantized", "ops", "padded_k", "num_groups"]

@@ -4,7 +4,9 @@
 Dynamo hands over an FX graph in which every quantized linear layer is one
 `apex4.w4a4_linear` call, or `apex4.w4a4_rotated_linear` for a layer whose
 input is rotated online (what W4A4Linear.forward emits).
-`rewrite_quantized_linears` is the single place where the backend decides how
+`fuse_sibling_linears` first merges the calls of sibling layers (q/k/v,
+gate/up) whose weights quantize.fuse_projections_ keeps in one tensor into
+one call. `rewrite_quantized_linears` is then the single place where the backend decides how
 each of them runs. Given a planner (planner.py; the backend builds one for the
 graph's GPU from the rho table or a cached probe), a layer whose token count
 is static and whose planned variant is the decode kernel stays a
@@ -21,6 +23,7 @@ which compiles everything around the apex4 ops.
 `torch.compile(model, backend="apex4", mode=..., options=...)` takes the
 modes and options of backend="inductor" (mode="reduce-overhead": CUDA graphs).
 """
+import functools
 import logging
 import math
 import operator
@@ -96,6 +99,127 @@ def _static_tokens(x_node) -> Optional[int]:
     if not all(isinstance(d, int) for d in dims):
         return None
     return math.prod(dims)
+
+
+def fuse_sibling_linears(gm: fx.GraphModule) -> List[List[str]]:
+    """Replace each set of w4a4_linear calls on the same x and act_clip whose
+    weights, scales and biases are consecutive rows of one tensor each
+    (quantize.fuse_projections_) with one call on the whole tensors, and each
+    call's result with a narrow of that output. Returns, per fused tensor,
+    the names of the graph inputs it is made of, in row order: the compiled
+    graph reads the whole tensor through the first of them, which
+    `checked_fusion` verifies at every call."""
+    from .quantize import consecutive_rows
+
+    graph = gm.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    sets = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in W4A4_LINEAR:
+            continue
+        x, _, w_q, _, _, act_clip = _linear_args(node, False)
+        same_input = sets.setdefault((x, act_clip), [])
+        for members in same_input:
+            if torch._C._is_alias_of(_meta(_linear_args(members[0], False)[2]), _meta(w_q)):
+                members.append(node)
+                break
+        else:
+            same_input.append([node])
+    fused_inputs = []
+    for same_input in sets.values():
+        _warn_if_fusable(same_input)
+        for members in same_input:
+            if len(members) < 2:
+                continue
+            args = [_linear_args(node, False) for node in members]
+            rows = sorted(range(len(members)), key=lambda i: _meta(args[i][2]).storage_offset())
+            parts = {name: [args[i][index] for i in rows]
+                     for name, index in (("w_q", 2), ("w_s", 3), ("bias", 4))}
+            if all(bias is None for bias in parts["bias"]):
+                del parts["bias"]
+            if not all(all(isinstance(p, fx.Node) and p.op == "placeholder" for p in nodes)
+                       and consecutive_rows([_meta(p) for p in nodes]) for nodes in parts.values()):
+                continue
+            x, act_clip = args[0][0], args[0][5]
+            with graph.inserting_before(min(members, key=order.__getitem__)):
+                whole = {name: _whole_tensor(graph, nodes) for name, nodes in parts.items()}
+                out = graph.call_function(_ops.w4a4_linear.default,
+                                          (x, whole["w_q"], whole["w_s"], whole.get("bias"), act_clip))
+                out.meta["example_value"] = _fake_call(_ops.w4a4_linear.default, out.args)
+                row, outputs = 0, []
+                for i in rows:
+                    n = _meta(args[i][2]).shape[0]
+                    outputs.append(graph.call_function(torch.narrow, (out, -1, row, n)))
+                    outputs[-1].meta.update(members[i].meta)
+                    row += n
+            for i, output in zip(rows, outputs):
+                members[i].replace_all_uses_with(output)
+                graph.erase_node(members[i])
+            fused_inputs += [[p.target for p in nodes] for nodes in parts.values()]
+    graph.lint()
+    gm.recompile()
+    return fused_inputs
+
+
+def _warn_if_fusable(same_input):
+    """Warns where layers on one input with one layout keep separate weights."""
+    loose = [members[0] for members in same_input if len(members) == 1]
+    layouts = {tuple(_meta(arg).shape[1] for arg in _linear_args(node, False)[2:4])
+               for node in loose}
+    if len(loose) > 1 and len(layouts) == 1:
+        log.warning("apex4 backend: %d quantized layers read %s at one granularity but keep "
+                    "separate weights, so they run as separate GEMMs; call "
+                    "torch_apex4.fuse_projections_(model) before compiling (after any .to(), "
+                    "which copies fused weights apart)", len(loose),
+                    _linear_args(loose[0], False)[0].name)
+
+
+def _whole_tensor(graph, parts):
+    """The tensor whose consecutive rows `parts` (graph inputs) are, as a
+    view through the first of them."""
+    first = _meta(parts[0])
+    shape = (sum(_meta(p).shape[0] for p in parts),) + tuple(first.shape[1:])
+    stride = tuple(first.stride())
+    node = graph.call_function(torch.as_strided, (parts[0], shape, stride, first.storage_offset()))
+    node.meta["example_value"] = _fake_call(torch.as_strided, node.args)
+    return node
+
+
+def _fake_call(fn, args):
+    """fn on the graph nodes' example values (under their fake mode)."""
+    values = [_meta(a) if isinstance(a, fx.Node) else a for a in args]
+    fake_mode = next(v.fake_mode for v in values if hasattr(v, "fake_mode"))
+    with fake_mode:
+        return fn(*values)
+
+
+def checked_fusion(compiled, gm: fx.GraphModule, fused_inputs: List[List[str]]):
+    """`compiled`, checking first at every call that the inputs fused at
+    compile time are still consecutive rows of one tensor (a model moved or
+    given new buffers after torch.compile would otherwise be read wrongly)."""
+    if not fused_inputs:
+        return compiled
+    from .quantize import consecutive_rows
+
+    index = {node.target: i for i, node in
+             enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    sets = [[index[name] for name in names] for names in fused_inputs]
+
+    @functools.wraps(compiled)
+    def run(*args):
+        # Dynamo passes the inputs as arguments; callers of the boxed
+        # convention (compiled._boxed_call) as one list.
+        inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+        for positions in sets:
+            if not consecutive_rows([inputs[i] for i in positions]):
+                raise RuntimeError(
+                    "apex4 backend: the sibling layers fused at compile time no longer keep their "
+                    f"weights in one tensor ({fused_inputs[sets.index(positions)][0]} ...): the "
+                    "model was moved or its buffers replaced after torch.compile. Call "
+                    "torch_apex4.fuse_projections_(model) and torch._dynamo.reset(), then compile again.")
+        return compiled(*args)
+
+    return run
 
 
 def rewrite_quantized_linears(gm: fx.GraphModule, planner=None) -> int:
@@ -211,10 +335,12 @@ def apex4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
 
     config = inductor_config(mode, options)
     planner = planner_for(gm)
+    fused_inputs = fuse_sibling_linears(gm)
     rewrite_quantized_linears(gm, planner)
     if planner is not None:
         kernel_plans.append(gm.meta["apex4_kernel_plan"])
         del kernel_plans[:-_MAX_PLANS]
         log.info("apex4 kernel plan on %s:\n%s", planner.model.spec.name,
                  format_kernel_plan(kernel_plans[-1]))
-    return compile_fx(gm, example_inputs, config_patches=config)
+    return checked_fusion(compile_fx(gm, example_inputs, config_patches=config), gm,
+                          fused_inputs)

@@ -32,7 +32,7 @@ from torch import nn
 
 from .ops import num_groups, padded_k
 from .plan import GranularityPlan, granularity_label, same_layout
-from .quantize import W4A4Config, W4A4Linear, quantize_
+from .quantize import W4A4Config, W4A4Linear, fuse_projections_, quantize_
 from .rotation import RotatedInputLinear
 
 FORMAT = "torch_apex4"
@@ -205,6 +205,7 @@ def load_quantized(directory, device="cpu") -> nn.Module:
                           strict=True, assign=True)
     _retie(model, tied)
     model.to(device).eval()
+    fuse_projections_(model)
     model.apex4_checkpoint = {key: config[key] for key in METADATA_KEYS}
     if config["plan"] is not None:
         model.apex4_checkpoint["plan"] = _stored_plan(config["plan"], config["layers"])

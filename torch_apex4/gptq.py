@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .ops import num_groups, ops, padded_k
 from .plan import Granularity, GranularityPlan, check_granularity, granularity_label
-from .quantize import W4A4Config, W4A4Linear, layer_config, quantize_targets
+from .quantize import W4A4Config, W4A4Linear, fuse_projections_, layer_config, quantize_targets
 from .rotation import RotatedInputLinear
 
 QMAX = 7  # the symmetric INT4 grid −7…7
@@ -586,4 +586,5 @@ def calibrate_gptq_(model: nn.Module, calibration_ids: Tensor, config: W4A4Confi
                 all_stats[block_prefix + name] = layer_stats
             inputs = [(out, args, kwargs) for out, (_, args, kwargs)
                       in zip(_run_block(block, inputs), inputs)]
+    fuse_projections_(model)
     return all_stats

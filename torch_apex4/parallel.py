@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .ops import num_groups, ops, padded_k
-from .quantize import Float32Buffers, W4A4Linear
+from .quantize import Float32Buffers, W4A4Linear, fuse_projections_
 from .rotation import KNOWN_MODEL_TYPES, RotatedInputLinear
 
 COLUMN_ATTENTION = ("q_proj", "k_proj", "v_proj")
@@ -207,4 +207,5 @@ def parallelize_(model: nn.Module, tp_size: int | None = None, group=None) -> nn
             setattr(mlp, name, _column_shard(getattr(mlp, name), edges[rank], edges[rank + 1]))
         mlp.down_proj = RowParallelLinear(mlp.down_proj, edges, rank, group)
     model.apex4_tensor_parallel = {"tp": tp, "rank": rank}
+    fuse_projections_(model)
     return model

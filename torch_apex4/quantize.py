@@ -4,6 +4,7 @@ scales (layout in docs/design.md) and whose forward runs the apex4 ops."""
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from .ops import ops
@@ -127,14 +128,77 @@ def quantize_(model: nn.Module, config: W4A4Config,
               plan: Optional[GranularityPlan] = None) -> nn.Module:
     """Replace, in place, every nn.Linear that filter_fn(module, name) accepts
     (default: all but the LM head) with a W4A4Linear, at the granularity `plan`
-    gives the layer (plan.py), else config.group_size. Returns the model."""
+    gives the layer (plan.py), else config.group_size; then fuse_projections_.
+    Returns the model."""
     if not isinstance(config, W4A4Config):
         raise TypeError(f"quantize_ expects a W4A4Config, got {type(config).__name__}")
     for name, linear in quantize_targets(model, filter_fn, plan).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, W4A4Linear.from_linear(linear, layer_config(config, plan, name)))
+    fuse_projections_(model)
     return model
+
+
+# Children of one module that read the same input, by their Hugging Face
+# names (LLaMA, Mistral, Qwen and others use them).
+SIBLING_LAYERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def consecutive_rows(parts) -> bool:
+    """Whether `parts` are consecutive row blocks, in order, of one contiguous
+    tensor: same storage, same trailing shape, each starting where the last
+    ends. Works on fake tensors too (the backend checks graph inputs)."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for part in parts:
+        if (not part.is_contiguous() or part.shape[1:] != first.shape[1:]
+                or not torch._C._is_alias_of(part, first) or part.storage_offset() != offset):
+            return False
+        offset += part.numel()
+    return True
+
+
+def fuse_projections_(model: nn.Module) -> int:
+    """Store the weights, scales and biases of each set of sibling W4A4Linear
+    layers (SIBLING_LAYERS: q/k/v, gate/up) in one tensor each, every layer's
+    buffers being views of its consecutive rows. Eager results and memory are
+    unchanged; the apex4 backend runs such a set as one GEMM (one activation
+    quantization and one launch over the summed N). Layers that differ in
+    input size, granularity, act_clip, rotation, bias or device are left
+    alone. quantize_ calls it; call it again after moving a model (`.to()`
+    copies the views one by one). Returns how many sets are fused."""
+    fused = 0
+    for parent in model.modules():
+        for names in SIBLING_LAYERS:
+            layers = [getattr(parent, name, None) for name in names]
+            if not _fusable(layers):
+                continue
+            for buffer in ("w_q", "w_s", "bias"):
+                parts = [getattr(layer, buffer) for layer in layers]
+                if parts[0] is None or consecutive_rows(parts):
+                    continue
+                whole = torch.cat(parts)
+                row = 0
+                for layer, part in zip(layers, parts):
+                    setattr(layer, buffer, whole[row:row + part.shape[0]])
+                    row += part.shape[0]
+            fused += 1
+    return fused
+
+
+def _fusable(layers) -> bool:
+    if not all(isinstance(layer, W4A4Linear) for layer in layers):
+        return False
+    first = layers[0]
+
+    def bias_kind(layer):
+        return None if layer.bias is None else (layer.bias.dtype, layer.bias.device)
+
+    return all(layer.in_features == first.in_features and layer.group_size == first.group_size
+               and layer.act_clip == first.act_clip and layer.rotation is first.rotation
+               and bias_kind(layer) == bias_kind(first) and layer.w_q.device == first.w_q.device
+               for layer in layers[1:])
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
