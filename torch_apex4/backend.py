@@ -6,8 +6,8 @@ Dynamo hands over an FX graph in which every quantized linear layer is one
 input is rotated online (what W4A4Linear.forward emits).
 `fuse_sibling_linears` first merges the calls of sibling layers (q/k/v,
 gate/up) whose weights quantize.fuse_projections_ keeps in one tensor into
-one call. `rewrite_quantized_linears` is then the single place where the backend decides how
-each of them runs. Given a planner (planner.py; the backend builds one for the
+one call. `rewrite_quantized_linears` is then the single place where the
+backend decides how each of them runs. Given a planner (planner.py; the backend builds one for the
 graph's GPU from the rho table or a cached probe), a layer whose token count
 is static and whose planned variant is the decode kernel stays a
 `w4a4_linear` call: on CUDA that op quantizes x and runs the decode GEMM as a
@@ -15,8 +15,8 @@ dependent launch pair. Every other layer is lowered into its activation
 quantizer (`quantize_act`, or `hadamard_quantize_act` with the rotation fused)
 + `w4a4_gemm` at the weight's granularity, whose kernel w4a4_gemm picks by the
 token count (APEX4_GEMM_PATH=auto); layers that read the same input at the
-same quantization (q/k/v, gate/up) share one quantizer call. w4a4_gemm takes no per-call kernel
-argument, so where the planner's variant is not the one w4a4_gemm picks,
+same quantization (q/k/v, gate/up) share one quantizer call. w4a4_gemm takes
+no per-call kernel argument, so where the planner's variant is not the one w4a4_gemm picks,
 the plan records both (`KernelChoice.runs`). The graph then goes to Inductor,
 which compiles everything around the apex4 ops.
 
@@ -143,8 +143,9 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> List[List[str]]:
             x, act_clip = args[0][0], args[0][5]
             with graph.inserting_before(min(members, key=order.__getitem__)):
                 whole = {name: _whole_tensor(graph, nodes) for name, nodes in parts.items()}
-                out = graph.call_function(_ops.w4a4_linear.default,
-                                          (x, whole["w_q"], whole["w_s"], whole.get("bias"), act_clip))
+                out = graph.call_function(
+                    _ops.w4a4_linear.default,
+                    (x, whole["w_q"], whole["w_s"], whole.get("bias"), act_clip))
                 out.meta["example_value"] = _fake_call(_ops.w4a4_linear.default, out.args)
                 row, outputs = 0, []
                 for i in rows:

@@ -81,8 +81,8 @@ struct WgmmaShape {
   static constexpr int kJobs = kRows / 32;
   // Registers: the producer holds a slice's kJobs loaded words (4 each),
   // the consumers the accumulators (kBN / 2, per group twice: int32
-  // partials and fp32 sums) plus addressing. setmaxnreg moves registers within the block's pool, which is
-  // what the launch allocated: kThreads * the per-thread count ptxas chose
+  // partials and fp32 sums) plus addressing. setmaxnreg moves registers
+  // within the block's pool, which is what the launch allocated: kThreads * the per-thread count ptxas chose
   // (at most kLaunchRegisters under __launch_bounds__(kThreads, 1), 168). A
   // role asking for more than the pool holds spins in setmaxnreg forever:
   // checked here and, against the count ptxas actually chose, at launch.
