@@ -20,7 +20,7 @@ it measured.
 
     python benchmarks/bench_e2e.py [--json PATH] [--granularity pc g128 ...]
         [--layers 32] [--prefill 2048] [--batch 1 16] [--context 128] [--steps 64]
-        [--cuda-graphs manual|inductor|none] [--no-compile]
+        [--cuda-graphs manual|inductor|none] [--no-compile] [--unfused]
 """
 import argparse
 import contextlib
@@ -274,7 +274,21 @@ def run(args, device, progress=lambda records, weights, plans: None):
         for plan in new:
             print(apex4_backend.format_kernel_plan(plan[:4] + plan[-3:]), file=sys.stderr)
         progress(records, weights, plans)
+        if args.unfused:
+            _release(device)
+            unfuse_projections_(model)
+            bench_model(f"{name} unfused", model, compile_apex4, args, device, on_record)
     return records, weights, plans
+
+
+def unfuse_projections_(model):
+    """Give every W4A4Linear buffers of its own (undoing fuse_projections_), so the
+    backend runs q/k/v and gate/up as separate GEMMs again: fusion's A/B."""
+    for module in model.modules():
+        if isinstance(module, apex4.W4A4Linear):
+            for buffer in ("w_q", "w_s", "bias"):
+                if getattr(module, buffer) is not None:
+                    setattr(module, buffer, getattr(module, buffer).clone())
 
 
 def plan_summary(choices):
@@ -337,6 +351,9 @@ def parse_args(argv=None):
     parser.add_argument("--fp16-backend", default="inductor")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="run both models eagerly")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also measure each W4A4 model with its sibling projections "
+                             "(q/k/v, gate/up) unfused: separate GEMMs")
     return parser.parse_args(argv)
 
 

@@ -116,6 +116,23 @@ def test_run_reports_progress_and_plan_summary(monkeypatch):
     assert [w["model"] for w in weights] == ["fp16", "w4a4 pc"] and plans == {"w4a4 pc": []}
 
 
+def test_unfused_run_separates_the_sibling_buffers(monkeypatch):
+    tiny, build = bench_e2e.llama_config(**TINY), bench_e2e.build_model
+    monkeypatch.setattr(bench_e2e, "llama_config", lambda layers=None: tiny)
+    monkeypatch.setattr(bench_e2e, "build_model",
+                        lambda config, device: build(config, device, torch.float32))
+    models = []
+    monkeypatch.setattr(bench_e2e, "bench_model",
+                        lambda name, model, *rest: models.append((name, model)))
+    args = bench_e2e.parse_args(["--granularity", "pc", "--no-compile", "--unfused"])
+    bench_e2e.run(args, "cpu")
+    assert [name for name, _ in models] == ["fp16", "w4a4 pc", "w4a4 pc unfused"]
+    attention = models[-1][1].model.layers[0].self_attn
+    q, k = attention.q_proj.w_q, attention.k_proj.w_q
+    assert not torch._C._is_alias_of(q, k)
+    assert apex4.fuse_projections_(models[-1][1]) == 2 * tiny.num_hidden_layers
+
+
 def test_plan_summary_counts():
     from torch_apex4.backend import KernelChoice
 
