@@ -21,6 +21,7 @@ it measured.
     python benchmarks/bench_e2e.py [--json PATH] [--granularity pc g128 ...]
         [--layers 32] [--prefill 2048] [--batch 1 16] [--context 128] [--steps 64]
         [--cuda-graphs manual|inductor|none] [--no-compile] [--unfused]
+        [--profile STEPS]
 """
 import argparse
 import contextlib
@@ -150,6 +151,48 @@ def _cudagraph_skips():
     return counters["inductor"]["cudagraph_skips"]
 
 
+def decode_profile(advance, tokens, steps, device):
+    """Where a decode step's GPU time goes: the torch profiler over `steps` more
+    steps, summarized by kernel_summary. CUDA only."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"--profile times CUDA kernels; the device is {device}")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        greedy_decode(advance, tokens, steps)
+        _sync(device)
+    return kernel_summary([e for e in prof.events() if e.device_type == DeviceType.CUDA], steps)
+
+
+def kernel_summary(kernels, steps, top=12):
+    """Profiler kernel events of `steps` decode steps, per step: span_us (first
+    kernel start to last kernel end), busy_us (kernel time; span - busy is the
+    GPU idle between kernels) and the `top` kernels by time, {name: [us,
+    launches]}."""
+    if not kernels:
+        return dict(steps=steps, span_us=None, busy_us=None, kernels={})
+    per_name = {}
+    for e in kernels:
+        us, count = per_name.get(e.name, (0.0, 0))
+        per_name[e.name] = (us + e.time_range.elapsed_us(), count + 1)
+    span = max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)
+    ranked = sorted(per_name.items(), key=lambda item: -item[1][0])[:top]
+    return dict(steps=steps, span_us=span / steps,
+                busy_us=sum(us for us, _ in per_name.values()) / steps,
+                kernels={name: [us / steps, count / steps] for name, (us, count) in ranked})
+
+
+def format_profile(profile):
+    if profile["span_us"] is None:
+        return "  profile: the profiler recorded no kernels"
+    lines = [f"  profile per step: span {profile['span_us']:.1f} us, kernels busy "
+             f"{profile['busy_us']:.1f} us"]
+    lines += [f"    {us:9.1f} us {count:6.1f}x  {name[:110]}"
+              for name, (us, count) in profile["kernels"].items()]
+    return "\n".join(lines)
+
+
 # --cuda-graphs: "manual" captures each compiled decode step with
 # torch.cuda.graph; "inductor" compiles with mode="reduce-overhead" (Inductor's
 # CUDA-graph trees, a new step marked before every call); "none" neither.
@@ -206,7 +249,7 @@ def bench_model(label, model, compile_kwargs, args, device, on_record=lambda rec
         del cache
     for batch in args.batch:
         prompt = torch.randint(0, vocab, (batch, args.context), generator=generator).to(device)
-        cache = make_cache(model, args.context + 3 + args.steps)
+        cache = make_cache(model, args.context + 3 + args.steps + args.profile)
         graphed = graphs
         with torch.no_grad():
             tokens = next_tokens(model, prompt, cache)  # eager prompt
@@ -226,8 +269,12 @@ def bench_model(label, model, compile_kwargs, args, device, on_record=lambda rec
             _sync(device)
             compile_s = time.perf_counter() - start
             _, seconds = _timed(lambda: greedy_decode(advance, tokens, args.steps), device)
+            profile = decode_profile(advance, tokens, args.profile, device) if args.profile else None
         record("decode", batch, batch * args.steps, seconds, compile_s, graphed,
                _cudagraph_skips() - skips)
+        if profile is not None:
+            records[-1]["gpu_profile"] = profile
+            print(format_profile(profile), file=sys.stderr, flush=True)
         del advance, cache
     return records
 
@@ -351,6 +398,9 @@ def parse_args(argv=None):
     parser.add_argument("--fp16-backend", default="inductor")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="run both models eagerly")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile STEPS more decode steps (torch profiler): "
+                             "GPU time per step by kernel, and the idle time between kernels")
     parser.add_argument("--unfused", action="store_true",
                         help="also measure each W4A4 model with its sibling projections "
                              "(q/k/v, gate/up) unfused: separate GEMMs")

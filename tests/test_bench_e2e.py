@@ -63,7 +63,7 @@ def test_cache_reset_repeats_the_prefill():
 def test_bench_model_records_and_table():
     model = tiny_model()
     args = argparse.Namespace(prefill=8, batch=[1, 2], context=4, steps=3, repeats=2,
-                              cuda_graphs="manual")  # no CUDA here: runs without graphs
+                              cuda_graphs="manual", profile=0)  # no CUDA: no graphs
     records = bench_e2e.bench_model("fp16", model, {}, args, "cpu")
     fp16_bytes = apex4.linear_weight_bytes(model)
     apex4.quantize_(model, apex4.W4A4Config(group_size=None))
@@ -141,3 +141,25 @@ def test_plan_summary_counts():
     s = bench_e2e.plan_summary(choices)
     assert s == dict(m=[1], layers=2, kept_w4a4_linear=1, predicted_us=5.0,
                      planned={"decode": 1, "mma.sync": 1}, runs={"decode": 2})
+
+
+def test_profile_needs_cuda():
+    with pytest.raises(ValueError, match="CUDA"):
+        bench_e2e.decode_profile(None, None, 2, "cpu")
+
+
+def test_kernel_summary_and_its_format():
+    from torch.autograd.profiler_util import Interval
+
+    class Kernel:
+        def __init__(self, name, start, end):
+            self.name, self.time_range = name, Interval(start, end)
+
+    # Two steps: gemm 10 us + quantize 2 us each, 3 us idle between kernels.
+    kernels = [Kernel("gemm", 0, 10), Kernel("quantize", 13, 15),
+               Kernel("gemm", 18, 28), Kernel("quantize", 31, 33)]
+    summary = bench_e2e.kernel_summary(kernels, steps=2, top=1)
+    assert summary == dict(steps=2, span_us=16.5, busy_us=12.0, kernels={"gemm": [10.0, 1.0]})
+    text = bench_e2e.format_profile(summary)
+    assert "span 16.5 us" in text and "busy 12.0 us" in text and "gemm" in text
+    assert "no kernels" in bench_e2e.format_profile(bench_e2e.kernel_summary([], 2))
