@@ -65,7 +65,8 @@ struct StageRing {
   const uint8_t* w;
   const uint8_t* a;  // the block's first token row
 #if defined(APEX4_SM90A)
-  uint64_t* full;  // [stages] mbarriers: a slot's bytes have landed
+  uint64_t* full;   // [stages] mbarriers: a slot's bytes have landed
+  uint64_t* empty;  // [stages] mbarriers: every warp has read the slot
 #endif
 
   __device__ __forceinline__ int items() const { return tiles * stages_per_tile; }
@@ -120,6 +121,22 @@ struct StageRing {
     if (i >= items()) return;
     copy_rows(slot(i) + decode::kRows * decode::kRowPitch, a + k_byte(i), tokens, bytes(i), i);
   }
+  // Called by every thread after its last read of item i's slot, which then
+  // takes item i + stages. On Hopper each warp arrives on the slot's empty
+  // barrier and warp 0 refills the slot once all have: no warp waits for
+  // another between stages, only for its data. Elsewhere a block barrier.
+  __device__ __forceinline__ void release(int i) const {
+#if defined(APEX4_SM90A)
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbarrier_arrive(shared_addr(empty + i % stages));
+    if (threadIdx.x >= 32 || i + stages >= items()) return;
+    mbarrier_wait(shared_addr(empty + i % stages), (i / stages) & 1);
+#else
+    __syncthreads();
+#endif
+    fill_weights(i + stages);
+    fill_tokens(i + stages);
+  }
   // Waits until item i's bytes are in its slot (visible to this thread).
   __device__ __forceinline__ void wait(int i) const {
 #if defined(APEX4_SM90A)
@@ -165,10 +182,14 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
   ring.w = p.w;
   ring.a = p.a + static_cast<int64_t>(tok0) * ring.row_bytes;
 #if defined(APEX4_SM90A)
-  __shared__ uint64_t full[decode::kMaxStages];
+  __shared__ uint64_t full[decode::kMaxStages], empty[decode::kMaxStages];
   ring.full = full;
+  ring.empty = empty;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < stages; ++s) mbarrier_init(shared_addr(full + s), 1);
+    for (int s = 0; s < stages; ++s) {
+      mbarrier_init(shared_addr(full + s), 1);
+      mbarrier_init(shared_addr(empty + s), decode::kWarps);
+    }
     mbarrier_init_fence();
   }
   __syncthreads();
@@ -188,6 +209,14 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
   auto act_scale = [&](int tok, int group) {
     return __ldg(p.a_scale + static_cast<int64_t>(tok0 + tok) * p.groups + group);
   };
+  // The epilogue: one thread per output element of a tile (token tile et,
+  // accumulator register ei, lane el). Its scales and bias are read before
+  // the tile's main loop, so that their latency hides behind it.
+  const bool epilogue = threadIdx.x < kTokenTiles * 4 * 32;
+  const int et = threadIdx.x / 128, ei = threadIdx.x / 32 % 4, el = threadIdx.x % 32;
+  const int e_row = el / 4 + 8 * (ei / 2), e_tok = et * 8 + 2 * (el % 4) + ei % 2;
+  const float e_act_scale =
+      !kGrouped && epilogue && e_tok < tokens ? act_scale(e_tok, 0) * Mma::kInvAccScale : 0.0f;
 
   int item = 0;
   for (int tile = blockIdx.x; tile < row_tiles; tile += gridDim.x) {
@@ -197,6 +226,11 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
     for (int h = 0; h < 2; ++h) w_ok[h] = n0 + g + 8 * h < p.n;
     int acc[kTokenTiles][4] = {};
     float facc[kTokenTiles][4] = {};  // per group only
+    const int e_n = n0 + e_row;
+    const bool e_ok = epilogue && e_n < p.n && e_tok < tokens;
+    // 0 + float(P) * (sa * sw), rounded like the CPU kernel (per channel).
+    const float e_scale = !kGrouped && e_ok ? e_act_scale * p.w_scale[e_n] : 0.0f;
+    const float e_bias = e_ok && p.bias != nullptr ? load_float(p.bias, p.bias_kind, e_n) : 0.0f;
 
     auto flush_group = [&](int group) {
       float sw[2];
@@ -268,33 +302,24 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
           }
         }
       }
-      __syncthreads();  // the slot is free (and the tile's partials written)
-      ring.fill_weights(item + stages);
-      ring.fill_tokens(item + stages);
+      ring.release(item);
     }
+    __syncthreads();  // the tile's partials are written
 
-    // One thread per output element of the tile: sum the warps' partials in
-    // warp order, then scale (per channel) and add the bias (or 0) like the
-    // tiled kernels' epilogue.
-    if (threadIdx.x < kTokenTiles * 4 * 32) {
-      const int tt = threadIdx.x / 128, i = threadIdx.x / 32 % 4, l = threadIdx.x % 32;
-      const int n = n0 + l / 4 + 8 * (i / 2);
-      const int tok = tt * 8 + 2 * (l % 4) + i % 2;
-      if (n < p.n && tok < tokens) {
-        Partial total = 0;
+    // Sum the warps' partials in warp order, then scale (per channel) and
+    // add the bias (or 0) like the tiled kernels' epilogue.
+    if (e_ok) {
+      Partial total = 0;
 #pragma unroll
-        for (int w = 0; w < decode::kWarps; ++w) total += partials[w][tt][i][l];
-        float v;
-        if constexpr (kGrouped) {
-          v = total;
-        } else {
-          // 0 + float(P) * (sa * sw), rounded like the CPU kernel.
-          const float s = (act_scale(tok, 0) * Mma::kInvAccScale) * p.w_scale[n];
-          v = __fadd_rn(0.0f, __fmul_rn(static_cast<float>(total), s));
-        }
-        v = __fadd_rn(v, p.bias != nullptr ? load_float(p.bias, p.bias_kind, n) : 0.0f);
-        store_float(p.out, p.out_kind, static_cast<int64_t>(tok0 + tok) * p.n + n, v);
+      for (int w = 0; w < decode::kWarps; ++w) total += partials[w][et][ei][el];
+      float v;
+      if constexpr (kGrouped) {
+        v = total;
+      } else {
+        v = __fadd_rn(0.0f, __fmul_rn(static_cast<float>(total), e_scale));
       }
+      v = __fadd_rn(v, e_bias);
+      store_float(p.out, p.out_kind, static_cast<int64_t>(tok0 + e_tok) * p.n + e_n, v);
     }
     if (tile + gridDim.x < row_tiles) __syncthreads();  // partials are rewritten next tile
   }
