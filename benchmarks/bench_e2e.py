@@ -20,7 +20,8 @@ it measured.
 
     python benchmarks/bench_e2e.py [--json PATH] [--granularity pc g128 ...]
         [--layers 32] [--prefill 2048] [--batch 1 16] [--context 128] [--steps 64]
-        [--cuda-graphs manual|inductor|none] [--no-compile] [--unfused]
+        [--cuda-graphs manual|inductor|none] [--no-compile]
+        [--variants no-prefetch unfused]
         [--profile STEPS]
 """
 import argparse
@@ -321,11 +322,22 @@ def run(args, device, progress=lambda records, weights, plans: None):
         for plan in new:
             print(apex4_backend.format_kernel_plan(plan[:4] + plan[-3:]), file=sys.stderr)
         progress(records, weights, plans)
-        if args.unfused:
+        for variant in [v for v in VARIANTS if v in args.variants]:  # "unfused" last
             _release(device)
-            unfuse_projections_(model)
-            bench_model(f"{name} unfused", model, compile_apex4, args, device, on_record)
+            if variant == "unfused":
+                unfuse_projections_(model)
+            apex4_backend.PREFETCH_NEXT_WEIGHTS = variant != "no-prefetch"
+            try:
+                bench_model(f"{name} {variant}", model, compile_apex4, args, device, on_record)
+            finally:
+                apex4_backend.PREFETCH_NEXT_WEIGHTS = True
     return records, weights, plans
+
+
+# --variants: each W4A4 model measured again, for an A/B. "no-prefetch": the
+# backend without prefetch_next_weights; "unfused": sibling projections as
+# separate GEMMs (it changes the model, so it runs last).
+VARIANTS = ("no-prefetch", "unfused")
 
 
 def unfuse_projections_(model):
@@ -401,9 +413,10 @@ def parse_args(argv=None):
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing, profile STEPS more decode steps (torch profiler): "
                              "GPU time per step by kernel, and the idle time between kernels")
-    parser.add_argument("--unfused", action="store_true",
-                        help="also measure each W4A4 model with its sibling projections "
-                             "(q/k/v, gate/up) unfused: separate GEMMs")
+    parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=[],
+                        help="also measure each W4A4 model without the backend's weight "
+                             "prefetch (no-prefetch) or with its sibling projections "
+                             "(q/k/v, gate/up) as separate GEMMs (unfused)")
     return parser.parse_args(argv)
 
 

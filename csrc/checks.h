@@ -108,7 +108,8 @@ struct GemmDims {
 inline GemmDims check_gemm_args(const at::Tensor& a_q, const at::Tensor& a_s,
                                 const at::Tensor& w_q, const at::Tensor& w_s,
                                 const std::optional<at::Tensor>& bias,
-                                std::optional<at::ScalarType> out_dtype) {
+                                std::optional<at::ScalarType> out_dtype,
+                                const std::optional<at::Tensor>& prefetch) {
   check_packed(a_q, "a_q");
   check_packed(w_q, "w_q");
   check_scales(a_s, "a_s");
@@ -151,6 +152,7 @@ inline GemmDims check_gemm_args(const at::Tensor& a_q, const at::Tensor& a_s,
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d.n, "apex4: bias must be [N] = [",
                       d.n, "], got ", bias->sizes());
   }
+  if (prefetch.has_value()) check_same_device(a_q, *prefetch, "prefetch");
   return d;
 }
 

@@ -30,21 +30,23 @@ std::optional<int64_t> weight_group_size(const at::Tensor& x, const at::Tensor& 
 
 at::Tensor gemm_like_x(const at::Tensor& x, const at::Tensor& a_q, const at::Tensor& a_s,
                        const at::Tensor& w_q, const at::Tensor& w_s,
-                       const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& prefetch) {
   static auto gemm =
       c10::Dispatcher::singleton().findSchemaOrThrow("apex4::w4a4_gemm", "").typed<GemmFn>();
-  return gemm.call(a_q, a_s, w_q, w_s, bias, x.scalar_type());
+  return gemm.call(a_q, a_s, w_q, w_s, bias, x.scalar_type(), prefetch);
 }
 
 // Quantize the activations at the weight's granularity, then multiply.
 at::Tensor w4a4_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_s,
-                       const std::optional<at::Tensor>& bias, double act_clip) {
+                       const std::optional<at::Tensor>& bias, double act_clip,
+                       const std::optional<at::Tensor>& prefetch) {
   const auto group_size = weight_group_size(x, w_q, w_s);
   static auto quantize = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("apex4::quantize_act", "")
                              .typed<QuantizeFn>();
   auto [a_q, a_s] = quantize.call(x, group_size, act_clip);
-  return gemm_like_x(x, a_q, a_s, w_q, w_s, bias);
+  return gemm_like_x(x, a_q, a_s, w_q, w_s, bias, prefetch);
 }
 
 // The same with an online rotation of the activations, fused into their
@@ -57,7 +59,7 @@ at::Tensor w4a4_rotated_linear(const at::Tensor& x, const at::Tensor& rotation,
                              .findSchemaOrThrow("apex4::hadamard_quantize_act", "")
                              .typed<RotatedQuantizeFn>();
   auto [a_q, a_s] = quantize.call(x, rotation, group_size, act_clip);
-  return gemm_like_x(x, a_q, a_s, w_q, w_s, bias);
+  return gemm_like_x(x, a_q, a_s, w_q, w_s, bias, std::nullopt);
 }
 
 TORCH_LIBRARY(apex4, m) {
@@ -67,10 +69,10 @@ TORCH_LIBRARY(apex4, m) {
   m.def("unpack_int4(Tensor packed) -> Tensor");
   m.def(
       "w4a4_gemm(Tensor a_q, Tensor a_s, Tensor w_q, Tensor w_s, Tensor? bias=None, "
-      "ScalarType? out_dtype=None) -> Tensor");
+      "ScalarType? out_dtype=None, Tensor? prefetch=None) -> Tensor");
   m.def(
-      "w4a4_linear(Tensor x, Tensor w_q, Tensor w_s, Tensor? bias=None, float act_clip=1.0) "
-      "-> Tensor");
+      "w4a4_linear(Tensor x, Tensor w_q, Tensor w_s, Tensor? bias=None, float act_clip=1.0, "
+      "Tensor? prefetch=None) -> Tensor");
   m.def("hadamard(Tensor x, Tensor factor) -> Tensor");
   m.def(
       "hadamard_quantize_act(Tensor x, Tensor factor, int? group_size=None, "

@@ -20,6 +20,7 @@ using RotatedQuantizeFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& x
                                                              double clip_ratio);
 using GemmFn = at::Tensor(const at::Tensor& a_q, const at::Tensor& a_s, const at::Tensor& w_q,
                           const at::Tensor& w_s, const std::optional<at::Tensor>& bias,
-                          std::optional<at::ScalarType> out_dtype);
+                          std::optional<at::ScalarType> out_dtype,
+                          const std::optional<at::Tensor>& prefetch);
 
 }  // namespace apex4

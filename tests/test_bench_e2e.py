@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import torch_apex4 as apex4
+from torch_apex4 import backend as apex4_backend
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_e2e.py")
 _spec = importlib.util.spec_from_file_location("bench_e2e", _PATH)
@@ -116,17 +117,24 @@ def test_run_reports_progress_and_plan_summary(monkeypatch):
     assert [w["model"] for w in weights] == ["fp16", "w4a4 pc"] and plans == {"w4a4 pc": []}
 
 
-def test_unfused_run_separates_the_sibling_buffers(monkeypatch):
+def test_variants_turn_prefetch_off_and_unfuse_last(monkeypatch):
     tiny, build = bench_e2e.llama_config(**TINY), bench_e2e.build_model
     monkeypatch.setattr(bench_e2e, "llama_config", lambda layers=None: tiny)
     monkeypatch.setattr(bench_e2e, "build_model",
                         lambda config, device: build(config, device, torch.float32))
-    models = []
-    monkeypatch.setattr(bench_e2e, "bench_model",
-                        lambda name, model, *rest: models.append((name, model)))
-    args = bench_e2e.parse_args(["--granularity", "pc", "--no-compile", "--unfused"])
+    models, prefetching = [], []
+
+    def bench_model(name, model, *rest):
+        models.append((name, model))
+        prefetching.append(apex4_backend.PREFETCH_NEXT_WEIGHTS)
+
+    monkeypatch.setattr(bench_e2e, "bench_model", bench_model)
+    args = bench_e2e.parse_args(["--granularity", "pc", "--no-compile",
+                                 "--variants", "unfused", "no-prefetch"])
     bench_e2e.run(args, "cpu")
-    assert [name for name, _ in models] == ["fp16", "w4a4 pc", "w4a4 pc unfused"]
+    assert [name for name, _ in models] == ["fp16", "w4a4 pc", "w4a4 pc no-prefetch",
+                                            "w4a4 pc unfused"]
+    assert prefetching == [True, True, False, True] and apex4_backend.PREFETCH_NEXT_WEIGHTS
     attention = models[-1][1].model.layers[0].self_attn
     q, k = attention.q_proj.w_q, attention.k_proj.w_q
     assert not torch._C._is_alias_of(q, k)

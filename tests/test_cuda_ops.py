@@ -296,6 +296,24 @@ def test_fused_linear_has_the_bits_of_quantize_then_gemm(m, group_size, dtype):
     assert same_bits(out, quantize_then_gemm(x, w_q, w_s, bias, clip))
 
 
+@pytest.mark.parametrize("m", [1, 9, 16, 40])
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_prefetch_changes_no_bits(monkeypatch, m, group_size):
+    # Prefetch sizes: under a line, an odd view, and past the half of L2 that is taken.
+    l2 = torch.cuda.get_device_properties(CUDA).L2_cache_size
+    buffer = torch.randint(0, 256, (l2 + 4096,), dtype=torch.uint8, device=CUDA)
+    x = torch.randn(m, 4096, dtype=torch.float16, device=CUDA)
+    w_q, w_s = ops.quantize_weight(torch.randn(1040, 4096, device=CUDA), group_size)
+    a_q, a_s = ops.quantize_act(x, group_size)
+    for path in ("auto", "decode"):
+        set_path(monkeypatch, path)
+        expected = ops.w4a4_linear(x, w_q, w_s)
+        for prefetch in (buffer[:100], buffer[3:70001], buffer):
+            assert same_bits(ops.w4a4_linear(x, w_q, w_s, None, 1.0, prefetch), expected)
+            assert same_bits(ops.w4a4_gemm(a_q, a_s, w_q, w_s, None, torch.float16, prefetch),
+                             expected)
+
+
 @pytest.mark.parametrize("group_size", [None, 128])
 def test_decode_linear_runs_the_quantizer_then_the_decode_gemm(group_size):
     # The pair launch_linear_decode makes (the GEMM as a programmatic dependent).
@@ -358,6 +376,10 @@ def test_mixed_devices_are_rejected():
     a_q, a_s, w_q, w_s = random_operands(4, 8, 128, None)
     with pytest.raises(ValueError, match="w_q is on cpu"):
         ops.w4a4_gemm(a_q, a_s, w_q.cpu(), w_s)
+    with pytest.raises(ValueError, match="prefetch is on cpu"):
+        ops.w4a4_gemm(a_q, a_s, w_q, w_s, None, None, w_q.cpu())
+    with pytest.raises(ValueError, match="prefetch is on cpu"):
+        ops.w4a4_linear(torch.randn(1, 128, device=CUDA), w_q, w_s, None, 1.0, w_q.cpu())
 
 
 # ---- opcheck ----------------------------------------------------------------
@@ -377,6 +399,8 @@ def opcheck_cases():
                                       torch.float16)
         yield ops.w4a4_linear.default, (x.reshape(1, 5, 576), w_q, w_s,
                                         torch.randn(24, device=CUDA), 0.9)
+        yield ops.w4a4_gemm.default, (a_q[:1], a_s[:1], w_q, w_s, None, None, w_q.clone())
+        yield ops.w4a4_linear.default, (x[:1], w_q, w_s, None, 1.0, w_q.clone())
     factor = rotation_factor(576, CUDA)
     yield ops.hadamard.default, (torch.randn(2, 3, 576, device=CUDA), factor)
     yield ops.hadamard_quantize_act.default, (x, factor, 64, 0.9)

@@ -7,7 +7,8 @@ from torch import nn
 
 import torch_apex4 as apex4
 from graphs import captured_graph
-from torch_apex4.backend import W4A4_LINEAR, fuse_sibling_linears, rewrite_quantized_linears
+from torch_apex4.backend import (W4A4_LINEAR, fuse_sibling_linears, prefetch_next_weights,
+                                  rewrite_quantized_linears)
 from torch_apex4.quantize import consecutive_rows
 
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
@@ -164,6 +165,30 @@ def test_backend_runs_each_sibling_set_as_one_linear(tiny_llama):
     with torch.inference_mode():
         after = gm(*inputs)
     assert torch.equal(before[0], after[0])
+
+
+@pytest.mark.parametrize("tokens,expected", [(1, 2 * INPUTS_PER_LAYER - 1), (17, 0)])
+def test_decode_gemms_prefetch_the_next_weight(tiny_llama, tokens, expected):
+    apex4.quantize_(tiny_llama, apex4.W4A4Config(group_size=None))
+    gm, inputs = captured_graph(tiny_llama, torch.randint(0, 256, (1, tokens)))
+    with torch.inference_mode():
+        before = gm(*inputs)
+    fuse_sibling_linears(gm)
+    rewrite_quantized_linears(gm)
+    assert prefetch_next_weights(gm) == expected
+    gemms = [n for n in gm.graph.nodes if n.target == torch.ops.apex4.w4a4_gemm.default]
+    assert len(gemms) == 2 * INPUTS_PER_LAYER
+    for node, following in zip(gemms, gemms[1:]):
+        if expected == 0:
+            assert "prefetch" not in node.kwargs
+            continue
+        weight, prefetched = following.args[2], node.kwargs["prefetch"]
+        # A fused weight is viewed again (same view of the same input) before its reader.
+        assert prefetched is weight or (prefetched.target == weight.target
+                                        and prefetched.args == weight.args)
+    assert "prefetch" not in gemms[-1].kwargs
+    with torch.inference_mode():
+        assert torch.equal(gm(*inputs)[0], before[0])
 
 
 def test_backend_warns_about_siblings_with_separate_weights(tiny_llama, caplog):

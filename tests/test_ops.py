@@ -216,6 +216,10 @@ def test_gemm_bad_input(change, error, match):
     (lambda: ops.w4a4_gemm(*ops.quantize_act(torch.randn(2, 64)),
                            *ops.quantize_weight(torch.randn(3, 64, device="meta"))),
      ValueError, "one device"),
+    (lambda: ops.w4a4_gemm(*ops.quantize_act(torch.randn(2, 64)),
+                           *ops.quantize_weight(torch.randn(3, 64)), None, None,
+                           torch.zeros(16, device="meta")),
+     ValueError, "one device"),
 ])
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
@@ -276,6 +280,9 @@ def opcheck_cases():
         yield ops.w4a4_gemm.default, (a_q, a_s, w_q, w_s)
         yield ops.w4a4_gemm.default, (a_q[:1], a_s[:1], w_q, w_s, torch.randn(24), torch.float16)
         yield ops.w4a4_linear.default, (x.reshape(1, 5, 576), w_q, w_s, torch.randn(24), 0.9)
+        # prefetch (the next layer's weight, brought into L2 on CUDA) changes nothing.
+        yield ops.w4a4_gemm.default, (a_q[:1], a_s[:1], w_q, w_s, None, None, w_q.clone())
+        yield ops.w4a4_linear.default, (x[:1], w_q, w_s, None, 1.0, w_q.clone())
     factor = rotation_factor(576)
     w_q, w_s = ops.quantize_weight(w, 64)
     yield ops.hadamard.default, (torch.randn(2, 3, 576), factor)
@@ -289,6 +296,14 @@ def opcheck_cases():
                          ids=lambda v: getattr(v, "__name__", None) if callable(v) else "")
 def test_opcheck(op, args):
     torch.library.opcheck(op, args)
+
+
+def test_prefetch_changes_no_result():
+    x = torch.randn(3, 576)
+    w_q, w_s = ops.quantize_weight(torch.randn(24, 576), 128)
+    following = ops.quantize_weight(torch.randn(40, 576))[0]
+    assert torch.equal(ops.w4a4_linear(x, w_q, w_s, None, 1.0, following),
+                       ops.w4a4_linear(x, w_q, w_s))
 
 
 def test_every_op_has_an_opcheck_case():

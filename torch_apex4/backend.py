@@ -17,8 +17,10 @@ quantizer (`quantize_act`, or `hadamard_quantize_act` with the rotation fused)
 token count (APEX4_GEMM_PATH=auto); layers that read the same input at the
 same quantization (q/k/v, gate/up) share one quantizer call. w4a4_gemm takes
 no per-call kernel argument, so where the planner's variant is not the one w4a4_gemm picks,
-the plan records both (`KernelChoice.runs`). The graph then goes to Inductor,
-which compiles everything around the apex4 ops.
+the plan records both (`KernelChoice.runs`). On CUDA, `prefetch_next_weights`
+then gives each decode-sized GEMM the next GEMM's weight to bring into L2
+(the ops' `prefetch` argument). The graph then goes to Inductor, which
+compiles everything around the apex4 ops.
 
 `torch.compile(model, backend="apex4", mode=..., options=...)` takes the
 modes and options of backend="inductor" (mode="reduce-overhead": CUDA graphs).
@@ -40,6 +42,9 @@ W4A4_ROTATED_LINEAR = (_ops.w4a4_rotated_linear, _ops.w4a4_rotated_linear.defaul
 QUANTIZE_ACT = _ops.quantize_act.default
 HADAMARD_QUANTIZE_ACT = _ops.hadamard_quantize_act.default
 W4A4_GEMM = _ops.w4a4_gemm.default
+# Whether the backend runs prefetch_next_weights on CUDA graphs (the
+# end-to-end benchmark turns it off for its A/B).
+PREFETCH_NEXT_WEIGHTS = True
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +289,40 @@ def rewrite_quantized_linears(gm: fx.GraphModule, planner=None) -> int:
     return count
 
 
+def prefetch_next_weights(gm: fx.GraphModule) -> int:
+    """Pass every GEMM node (w4a4_gemm, or a w4a4_linear the rewrite kept) with
+    a static token count of at most DECODE_MAX_TOKENS, which runs the
+    memory-bound decode kernel, the weight of the GEMM after it in the graph
+    as `prefetch`: DRAM, otherwise idle during the norms, attention and
+    quantizer between two GEMMs, then streams that weight into L2. Changes no
+    result. A fused weight (an as_strided view) is viewed again before the
+    node that prefetches it. Returns how many GEMMs got one."""
+    from .costmodel import DECODE_MAX_TOKENS
+
+    graph = gm.graph
+    gemms = [node for node in graph.nodes
+             if node.op == "call_function" and node.target in (W4A4_GEMM,) + W4A4_LINEAR]
+    count = 0
+    for node, following in zip(gemms, gemms[1:]):
+        m = _static_tokens(node)
+        if m is None or m > DECODE_MAX_TOKENS:
+            continue
+        weight = following.args[2] if following.target == W4A4_GEMM else \
+            _linear_args(following, False)[2]
+        if weight.op == "call_function":
+            if any(isinstance(a, fx.Node) and a.op != "placeholder" for a in weight.args):
+                continue
+            with graph.inserting_before(node):
+                view = graph.call_function(weight.target, weight.args, weight.kwargs)
+            view.meta.update(weight.meta)
+            weight = view
+        node.kwargs = {**node.kwargs, "prefetch": weight}
+        count += 1
+    graph.lint()
+    gm.recompile()
+    return count
+
+
 def _linear_args(node, rotated):
     """(x, rotation or None, w_q, w_s, bias, act_clip) of either linear op."""
     names = ["x", "rotation", "w_q", "w_s", "bias", "act_clip"] if rotated else \
@@ -292,6 +331,14 @@ def _linear_args(node, rotated):
     values.update(zip(names, node.args))
     values.update(node.kwargs)
     return tuple(values[n] for n in ["x", "rotation", "w_q", "w_s", "bias", "act_clip"])
+
+
+def _quantized_device(gm: fx.GraphModule) -> Optional[torch.device]:
+    """The device of the graph's first quantized weight (None without one)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in W4A4_LINEAR + W4A4_ROTATED_LINEAR:
+            return _meta(_linear_args(node, node.target in W4A4_ROTATED_LINEAR)[2]).device
+    return None
 
 
 def planner_for(gm: fx.GraphModule):
@@ -303,13 +350,8 @@ def planner_for(gm: fx.GraphModule):
     from .costmodel import CostModel
     from .planner import Planner
 
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in W4A4_LINEAR + W4A4_ROTATED_LINEAR:
-            device = _meta(_linear_args(node, node.target in W4A4_ROTATED_LINEAR)[2]).device
-            break
-    else:
-        return None
-    if device.type != "cuda":
+    device = _quantized_device(gm)
+    if device is None or device.type != "cuda":
         return None
     try:
         return Planner(CostModel(rho.gpu_spec(device, allow_probe=False)))
@@ -345,8 +387,11 @@ def apex4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
 
     config = inductor_config(mode, options)
     planner = planner_for(gm)
+    on_cuda = getattr(_quantized_device(gm), "type", None) == "cuda"
     fused_inputs = fuse_sibling_linears(gm)
     rewrite_quantized_linears(gm, planner)
+    if PREFETCH_NEXT_WEIGHTS and on_cuda:
+        prefetch_next_weights(gm)
     if planner is not None:
         kernel_plans.append(gm.meta["apex4_kernel_plan"])
         del kernel_plans[:-_MAX_PLANS]

@@ -52,15 +52,15 @@ def _(packed):
 
 
 @torch.library.register_fake("apex4::w4a4_gemm")
-def _(a_q, a_s, w_q, w_s, bias=None, out_dtype=None):
-    _check_one_device(a_q, a_s, w_q, w_s, bias)
+def _(a_q, a_s, w_q, w_s, bias=None, out_dtype=None, prefetch=None):
+    _check_one_device(a_q, a_s, w_q, w_s, bias, prefetch)
     torch._check(a_q.shape[-1] == w_q.shape[-1], lambda: "apex4: a_q and w_q differ in K")
     return a_q.new_empty((*a_q.shape[:-1], w_q.shape[0]), dtype=out_dtype or torch.float32)
 
 
 @torch.library.register_fake("apex4::w4a4_linear")
-def _(x, w_q, w_s, bias=None, act_clip=1.0):
-    _check_one_device(x, w_q, w_s, bias)
+def _(x, w_q, w_s, bias=None, act_clip=1.0, prefetch=None):
+    _check_one_device(x, w_q, w_s, bias, prefetch)
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 

@@ -84,8 +84,9 @@ at::Tensor unpack_int4_cpu(const at::Tensor& packed) {
 
 at::Tensor w4a4_gemm_cpu(const at::Tensor& a_q, const at::Tensor& a_s, const at::Tensor& w_q,
                          const at::Tensor& w_s, const std::optional<at::Tensor>& bias,
-                         std::optional<at::ScalarType> out_dtype) {
-  const GemmDims d = check_gemm_args(a_q, a_s, w_q, w_s, bias, out_dtype);
+                         std::optional<at::ScalarType> out_dtype,
+                         const std::optional<at::Tensor>& prefetch) {
+  const GemmDims d = check_gemm_args(a_q, a_s, w_q, w_s, bias, out_dtype, prefetch);
   at::Tensor out = alloc_gemm_out(a_q, d);
   if (d.m == 0 || d.n == 0) return out;
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();

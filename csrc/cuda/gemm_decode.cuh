@@ -17,6 +17,11 @@
 // at every group end (or stage end, for groups longer than a warp's 4 chunks)
 // into fp32.
 //
+// With GemmParams::prefetch set (the next layer's weight), each block asks L2
+// for its share of those bytes once its own last weight copy is issued, so
+// that DRAM streams the next weight while this kernel finishes and the small
+// kernels between the two GEMMs (norms, attention, the quantizer) run.
+//
 // The kernel waits for the grid it depends on (griddepcontrol.wait) only
 // after issuing its first weight stages, before the first read of the
 // activations: w4a4_linear launches it as a programmatic dependent of the
@@ -64,6 +69,8 @@ struct StageRing {
   int n, row_bytes, tokens;
   const uint8_t* w;
   const uint8_t* a;  // the block's first token row
+  const uint8_t* prefetch;  // GemmParams::prefetch
+  int64_t prefetch_bytes;
 #if defined(APEX4_SM90A)
   uint64_t* full;   // [stages] mbarriers: a slot's bytes have landed
   uint64_t* empty;  // [stages] mbarriers: every warp has read the slot
@@ -102,6 +109,20 @@ struct StageRing {
     }
 #endif
   }
+  // Once the block's last weight copy is issued, DRAM has time to spare for
+  // the next layer's weight while this kernel finishes and the small kernels
+  // between the two GEMMs run: warp 0 asks L2 for the block's share of it.
+  __device__ __forceinline__ void prefetch_next() const {
+    if (threadIdx.x >= 32 || prefetch_bytes == 0) return;
+    constexpr int64_t kLine = 128;
+    const int64_t blocks = static_cast<int64_t>(gridDim.x) * gridDim.y;
+    const int64_t share = (prefetch_bytes / blocks + kLine) / kLine * kLine;
+    const int64_t begin = (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * share;
+    const int64_t end = min(prefetch_bytes, begin + share);
+    for (int64_t at = begin + threadIdx.x * kLine; at < end; at += 32 * kLine) {
+      prefetch_l2(prefetch + at);
+    }
+  }
   // Item i's weight rows; the slot then also waits for its token rows.
   __device__ __forceinline__ void fill_weights(int i) const {
     if (i >= items()) return;
@@ -116,6 +137,7 @@ struct StageRing {
 #endif
     copy_rows(slot(i), w + static_cast<int64_t>(tile) * decode::kRows * row_bytes + k_byte(i),
               rows, bytes(i), i);
+    if (i == items() - 1) prefetch_next();
   }
   __device__ __forceinline__ void fill_tokens(int i) const {
     if (i >= items()) return;
@@ -181,6 +203,8 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
   ring.tokens = tokens;
   ring.w = p.w;
   ring.a = p.a + static_cast<int64_t>(tok0) * ring.row_bytes;
+  ring.prefetch = p.prefetch;
+  ring.prefetch_bytes = p.prefetch_bytes;
 #if defined(APEX4_SM90A)
   __shared__ uint64_t full[decode::kMaxStages], empty[decode::kMaxStages];
   ring.full = full;

@@ -30,6 +30,11 @@ struct GemmParams {
   void* out;
   FloatKind out_kind;
   int m, n, kp, groups;  // kp and kp / groups are multiples of 64
+  // Bytes the decode kernel asks L2 to fetch once its own loads are issued
+  // (the next layer's weight; a hint that changes no result). Other kernels
+  // ignore it.
+  const uint8_t* prefetch = nullptr;
+  int64_t prefetch_bytes = 0;
 };
 
 // The INT8 tensor-core paths hold every operand as 16 * value (see mma.cuh),

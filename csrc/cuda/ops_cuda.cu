@@ -41,7 +41,8 @@ namespace apex4 {
 
 // The device-independent composite (csrc/ops.cpp): quantize_act, then w4a4_gemm.
 at::Tensor w4a4_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_s,
-                       const std::optional<at::Tensor>& bias, double act_clip);
+                       const std::optional<at::Tensor>& bias, double act_clip,
+                       const std::optional<at::Tensor>& prefetch);
 
 namespace {
 
@@ -168,10 +169,22 @@ cuda::GemmParams gemm_params(const at::Tensor& a_q, const at::Tensor& a_s, const
   return p;
 }
 
+// The next weight to bring into L2 while the decode kernel runs: as much of
+// its start as half the L2 holds (the rest of L2 serves the kernels between).
+cuda::GemmParams with_prefetch(cuda::GemmParams p, const std::optional<at::Tensor>& prefetch) {
+  if (!prefetch.has_value() || prefetch->numel() == 0) return p;
+  int l2_bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, prefetch->get_device()));
+  p.prefetch = static_cast<const uint8_t*>(prefetch->const_data_ptr());
+  p.prefetch_bytes = std::min<int64_t>(prefetch->nbytes(), l2_bytes / 2);
+  return p;
+}
+
 at::Tensor w4a4_gemm_cuda(const at::Tensor& a_q, const at::Tensor& a_s, const at::Tensor& w_q,
                           const at::Tensor& w_s, const std::optional<at::Tensor>& bias,
-                          std::optional<at::ScalarType> out_dtype) {
-  const GemmDims d = check_gemm_args(a_q, a_s, w_q, w_s, bias, out_dtype);
+                          std::optional<at::ScalarType> out_dtype,
+                          const std::optional<at::Tensor>& prefetch) {
+  const GemmDims d = check_gemm_args(a_q, a_s, w_q, w_s, bias, out_dtype, prefetch);
   check_int_range(d.m, "M");
   check_int_range(d.n, "N");
   check_int_range(d.kp, "padded K");
@@ -181,7 +194,8 @@ at::Tensor w4a4_gemm_cuda(const at::Tensor& a_q, const at::Tensor& a_s, const at
   const GemmPath path = choose_gemm_path(d.m, d.group_len, a_q.device());
   const at::Tensor a = aligned_16(a_q), w = aligned_16(w_q);
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const cuda::GemmParams p = gemm_params(a, a_s, w, w_s, bias_c, out, d.m, d.kp, d.groups);
+  const cuda::GemmParams p =
+      with_prefetch(gemm_params(a, a_s, w, w_s, bias_c, out, d.m, d.kp, d.groups), prefetch);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (path) {
     case GemmPath::kDecode: C10_CUDA_CHECK(cuda::launch_gemm_decode(p, stream)); break;
@@ -223,8 +237,9 @@ bool fused_linear_applies(const at::Tensor& x, const at::Tensor& w_q, const at::
 }
 
 at::Tensor w4a4_linear_cuda(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_s,
-                            const std::optional<at::Tensor>& bias, double act_clip) {
-  if (!fused_linear_applies(x, w_q, w_s)) return w4a4_linear(x, w_q, w_s, bias, act_clip);
+                            const std::optional<at::Tensor>& bias, double act_clip,
+                            const std::optional<at::Tensor>& prefetch) {
+  if (!fused_linear_applies(x, w_q, w_s)) return w4a4_linear(x, w_q, w_s, bias, act_clip, prefetch);
   const int64_t kp = w_q.size(1) * 2, groups = w_s.size(1);
   const std::optional<int64_t> group_size =
       groups == 1 ? std::nullopt : std::optional<int64_t>(kp / groups);
@@ -240,6 +255,7 @@ at::Tensor w4a4_linear_cuda(const at::Tensor& x, const at::Tensor& w_q, const at
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w_q.size(0),
                       "apex4: bias must be [N] = [", w_q.size(0), "], got ", bias->sizes());
   }
+  if (prefetch.has_value()) check_same_device(x, *prefetch, "prefetch");
   check_int_range(w_q.size(0), "N");
   const c10::cuda::CUDAGuard guard(x.device());
   auto shape = x.sizes().vec();
@@ -250,7 +266,8 @@ at::Tensor w4a4_linear_cuda(const at::Tensor& x, const at::Tensor& w_q, const at
   check_int_range(kp, "padded K");
   const at::Tensor a_q = at::empty({qd.rows, kp / 2}, x.options().dtype(at::kByte));
   const at::Tensor a_s = at::empty({qd.rows, groups}, x.options().dtype(at::kFloat));
-  const cuda::GemmParams p = gemm_params(a_q, a_s, w, w_s, bias_c, out, qd.rows, kp, groups);
+  const cuda::GemmParams p =
+      with_prefetch(gemm_params(a_q, a_s, w, w_s, bias_c, out, qd.rows, kp, groups), prefetch);
   C10_CUDA_CHECK(cuda::launch_linear_decode(p, xc.const_data_ptr(), float_kind(x.scalar_type()),
                                             qd.k, static_cast<float>(act_clip),
                                             c10::cuda::getCurrentCUDAStream()));

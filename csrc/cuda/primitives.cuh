@@ -33,6 +33,11 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+// Asks L2 to fetch the 128-byte line at p; nothing waits for it.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
 // Four 8x8 b16 matrices (8 rows of 16 bytes each); lanes 8j..8j+7 address the
 // rows of matrix j, and lane l receives 32-bit word l%4 of row l/4 of each.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
