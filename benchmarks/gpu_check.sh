@@ -9,7 +9,9 @@
 #   OUT=/tmp/out benchmarks/gpu_check.sh --quick
 #
 # SKIP_CPU_TESTS=1 leaves out the CPU suite (CI runs it), SKIP_BENCH=1 the
-# benchmark. Every step has a time limit, so a hung kernel cannot take the
+# benchmark; E2E="ARGS" runs bench_e2e.py ARGS after the tests (log and JSON
+# in $OUT: with SKIP_CPU_TESTS=1 the run stays within the device's 8 files);
+# TORCH_CUDA_ARCH_LIST (default "9.0a;8.0") sets the extension's targets. Every step has a time limit, so a hung kernel cannot take the
 # whole run; on an H100 the full run takes about 5 minutes (build 1.5, tests 1, bench 2).
 # Exit status: non-zero if the build, a test or the benchmark failed.
 set -uo pipefail
@@ -39,7 +41,7 @@ nvcc -O3 -std=c++17 --expt-relaxed-constexpr -Icsrc/include -Icsrc \
   -gencode=arch=compute_90a,code=sm_90a csrc/cuda/tests/kernel_test.cu $KERNELS \
   -o build/cuda_kernel_test >"$KERNEL_TEST_LOG" 2>&1 &
 kernel_test_build=$!
-if ! TORCH_CUDA_ARCH_LIST="9.0a;8.0" MAX_JOBS=16 timeout 400 $PYTHON setup.py build_ext --inplace \
+if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"9.0a;8.0"} MAX_JOBS=16 timeout 400 $PYTHON setup.py build_ext --inplace \
     >"$OUT/build.log" 2>&1; then
   tail -60 "$OUT/build.log"
   echo "BUILD FAILED"
@@ -91,6 +93,12 @@ if [[ -z "${SKIP_CPU_TESTS:-}" ]]; then
 fi
 
 echo "== tests status: $status (0 = all passed)"
+if [[ -n "${E2E:-}" ]]; then
+  echo "== end to end: bench_e2e.py $E2E (log: $OUT/e2e.log)"
+  # shellcheck disable=SC2086  # E2E is a list of arguments
+  timeout 600 $PYTHON benchmarks/bench_e2e.py $E2E --json "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1 || status=1
+  grep -v -i warn "$OUT/e2e.log" | tail -15
+fi
 [[ -n "${SKIP_BENCH:-}" ]] && exit $status  # SKIP_BENCH=1: build and tests only
 echo "== GEMM benchmark (log: $OUT/bench_gemm.log)"
 timeout 600 $PYTHON benchmarks/bench_gemm.py --json "$OUT/bench_gemm.json" "$@" 2>"$OUT/bench_gemm.log" \
