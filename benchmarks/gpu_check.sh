@@ -9,11 +9,12 @@
 #   OUT=/tmp/out benchmarks/gpu_check.sh --quick
 #
 # SKIP_CPU_TESTS=1 leaves out the CPU suite (CI runs it), SKIP_BENCH=1 the
-# benchmark; E2E="ARGS" runs bench_e2e.py ARGS after the tests (log and JSON
-# in $OUT: with SKIP_CPU_TESTS=1 the run stays within the device's 8 files);
-# TORCH_CUDA_ARCH_LIST (default "9.0a;8.0") sets the extension's targets. Every step has a time limit, so a hung kernel cannot take the
-# whole run; on an H100 the full run takes about 5 minutes (build 1.5, tests 1, bench 2).
-# Exit status: non-zero if the build, a test or the benchmark failed.
+# benchmark. E2E="ARGS" runs bench_e2e.py ARGS after the tests (two more
+# files in $OUT: with SKIP_CPU_TESTS=1 the run stays within the device's 8).
+# TORCH_CUDA_ARCH_LIST (default "9.0a;8.0") sets the extension's targets.
+# Every step has a time limit, so a hung kernel cannot take the whole run; on
+# an H100 the full run takes about 5 minutes (build 1.5, tests 1, bench 2).
+# Exit status: non-zero if the build, a test or a benchmark failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
