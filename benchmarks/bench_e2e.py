@@ -21,7 +21,7 @@ it measured.
     python benchmarks/bench_e2e.py [--json PATH] [--granularity pc g128 ...]
         [--layers 32] [--prefill 2048] [--batch 1 16] [--context 128] [--steps 64]
         [--cuda-graphs manual|inductor|none] [--no-compile]
-        [--variants no-prefetch unfused]
+        [--variants prefetch unfused]
         [--profile STEPS]
 """
 import argparse
@@ -326,18 +326,19 @@ def run(args, device, progress=lambda records, weights, plans: None):
             _release(device)
             if variant == "unfused":
                 unfuse_projections_(model)
-            apex4_backend.PREFETCH_NEXT_WEIGHTS = variant != "no-prefetch"
+            default = apex4_backend.PREFETCH_NEXT_WEIGHTS
+            apex4_backend.PREFETCH_NEXT_WEIGHTS = variant == "prefetch"
             try:
                 bench_model(f"{name} {variant}", model, compile_apex4, args, device, on_record)
             finally:
-                apex4_backend.PREFETCH_NEXT_WEIGHTS = True
+                apex4_backend.PREFETCH_NEXT_WEIGHTS = default
     return records, weights, plans
 
 
-# --variants: each W4A4 model measured again, for an A/B. "no-prefetch": the
-# backend without prefetch_next_weights; "unfused": sibling projections as
-# separate GEMMs (it changes the model, so it runs last).
-VARIANTS = ("no-prefetch", "unfused")
+# --variants: each W4A4 model measured again, for an A/B. "prefetch": the
+# backend with prefetch_next_weights (off by default); "unfused": sibling
+# projections as separate GEMMs (it changes the model, so it runs last).
+VARIANTS = ("prefetch", "unfused")
 
 
 def unfuse_projections_(model):
@@ -414,8 +415,8 @@ def parse_args(argv=None):
                         help="after timing, profile STEPS more decode steps (torch profiler): "
                              "GPU time per step by kernel, and the idle time between kernels")
     parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=[],
-                        help="also measure each W4A4 model without the backend's weight "
-                             "prefetch (no-prefetch) or with its sibling projections "
+                        help="also measure each W4A4 model with the backend's weight "
+                             "prefetch (prefetch) or with its sibling projections "
                              "(q/k/v, gate/up) as separate GEMMs (unfused)")
     return parser.parse_args(argv)
 

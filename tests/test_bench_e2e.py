@@ -117,7 +117,7 @@ def test_run_reports_progress_and_plan_summary(monkeypatch):
     assert [w["model"] for w in weights] == ["fp16", "w4a4 pc"] and plans == {"w4a4 pc": []}
 
 
-def test_variants_turn_prefetch_off_and_unfuse_last(monkeypatch):
+def test_variants_turn_prefetch_on_and_unfuse_last(monkeypatch):
     tiny, build = bench_e2e.llama_config(**TINY), bench_e2e.build_model
     monkeypatch.setattr(bench_e2e, "llama_config", lambda layers=None: tiny)
     monkeypatch.setattr(bench_e2e, "build_model",
@@ -130,11 +130,11 @@ def test_variants_turn_prefetch_off_and_unfuse_last(monkeypatch):
 
     monkeypatch.setattr(bench_e2e, "bench_model", bench_model)
     args = bench_e2e.parse_args(["--granularity", "pc", "--no-compile",
-                                 "--variants", "unfused", "no-prefetch"])
+                                 "--variants", "unfused", "prefetch"])
     bench_e2e.run(args, "cpu")
-    assert [name for name, _ in models] == ["fp16", "w4a4 pc", "w4a4 pc no-prefetch",
+    assert [name for name, _ in models] == ["fp16", "w4a4 pc", "w4a4 pc prefetch",
                                             "w4a4 pc unfused"]
-    assert prefetching == [True, True, False, True] and apex4_backend.PREFETCH_NEXT_WEIGHTS
+    assert prefetching == [False, False, True, False] and not apex4_backend.PREFETCH_NEXT_WEIGHTS
     attention = models[-1][1].model.layers[0].self_attn
     q, k = attention.q_proj.w_q, attention.k_proj.w_q
     assert not torch._C._is_alias_of(q, k)

@@ -17,9 +17,10 @@ quantizer (`quantize_act`, or `hadamard_quantize_act` with the rotation fused)
 token count (APEX4_GEMM_PATH=auto); layers that read the same input at the
 same quantization (q/k/v, gate/up) share one quantizer call. w4a4_gemm takes
 no per-call kernel argument, so where the planner's variant is not the one w4a4_gemm picks,
-the plan records both (`KernelChoice.runs`). On CUDA, `prefetch_next_weights`
-then gives each decode-sized GEMM the next GEMM's weight to bring into L2
-(the ops' `prefetch` argument). The graph then goes to Inductor, which
+the plan records both (`KernelChoice.runs`). On CUDA, with
+PREFETCH_NEXT_WEIGHTS set (off by default: it measured slower),
+`prefetch_next_weights` then gives each decode-sized GEMM the next GEMM's
+weight to bring into L2 (the ops' `prefetch` argument). The graph then goes to Inductor, which
 compiles everything around the apex4 ops.
 
 `torch.compile(model, backend="apex4", mode=..., options=...)` takes the
@@ -42,9 +43,11 @@ W4A4_ROTATED_LINEAR = (_ops.w4a4_rotated_linear, _ops.w4a4_rotated_linear.defaul
 QUANTIZE_ACT = _ops.quantize_act.default
 HADAMARD_QUANTIZE_ACT = _ops.hadamard_quantize_act.default
 W4A4_GEMM = _ops.w4a4_gemm.default
-# Whether the backend runs prefetch_next_weights on CUDA graphs (the
-# end-to-end benchmark turns it off for its A/B).
-PREFETCH_NEXT_WEIGHTS = True
+# Whether the backend runs prefetch_next_weights on CUDA graphs. Off: on the
+# H100 it made the 7B-shaped decode step slower (batch 1: 311 tokens/s with it,
+# 323 without, one run; benchmarks/NOTES.md v10); `bench_e2e.py --variants
+# prefetch` measures it against the same model without.
+PREFETCH_NEXT_WEIGHTS = False
 
 log = logging.getLogger(__name__)
 

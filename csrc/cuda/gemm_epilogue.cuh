@@ -28,23 +28,56 @@ __device__ __forceinline__ TileOrigin rastered_tile(int tile, int m, int n, int 
   return {(panel * kRasterRows + in_panel % panel_rows) * bm, (in_panel / panel_rows) * bn};
 }
 
-// Epilogue factors of the output columns n and n + 1 (zero past N).
+// Epilogue factors of output column n: its w_scale (per channel only) and
+// bias, or 0; both 0 past N.
+struct ColumnFactor {
+  float scale, bias;
+};
+__device__ __forceinline__ ColumnFactor load_column_factor(const GemmParams& p, int n,
+                                                           bool with_scale) {
+  const bool in_n = n < p.n;
+  return {with_scale && in_n ? __ldg(p.w_scale + n) : 0.0f,
+          p.bias != nullptr && in_n ? load_float(p.bias, p.bias_kind, n) : 0.0f};
+}
+
+// The factors of the output columns n and n + 1.
 struct ColumnFactors {
-  float scale[2];  // w_scale of the columns (per channel only)
-  float bias[2];   // bias, or 0
+  float scale[2];
+  float bias[2];
 };
 
 __device__ __forceinline__ ColumnFactors load_column_factors(const GemmParams& p, int n,
                                                              bool with_scale) {
-  ColumnFactors f;
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const bool in_n = n + j < p.n;
-    f.scale[j] = with_scale && in_n ? __ldg(p.w_scale + n + j) : 0.0f;
-    f.bias[j] = p.bias != nullptr && in_n ? load_float(p.bias, p.bias_kind, n + j) : 0.0f;
-  }
-  return f;
+  const ColumnFactor f0 = load_column_factor(p, n, with_scale);
+  const ColumnFactor f1 = load_column_factor(p, n + 1, with_scale);
+  return {{f0.scale, f1.scale}, {f0.bias, f1.bias}};
 }
+
+// A tile's column factors, staged through shared memory. Loaded in the
+// epilogue, every column step of store_fragments waited an L2 latency for its
+// factors behind the previous step's stores (a load may not pass a store that
+// could alias it): 32 steps a 128x256 tile, about 20 slice times a tile on the
+// H100 (the wgmma kernel's time against K had that fixed cost a tile). Thread
+// t < kBN loads column n0 + t's factors into registers when the tile starts,
+// publishes them to shared memory before the epilogue, and the epilogue reads
+// shared memory only.
+template <int kBN>
+struct StagedColumnFactors {
+  ColumnFactor mine{0.0f, 0.0f};  // of the thread's column
+
+  __device__ __forceinline__ void load(const GemmParams& p, int n, bool with_scale) {
+    mine = load_column_factor(p, n, with_scale);
+  }
+  // buffer[0] holds the tile's column scales, buffer[1] its biases.
+  __device__ __forceinline__ void publish(float (&buffer)[2][kBN], int t) const {
+    buffer[0][t] = mine.scale;
+    buffer[1][t] = mine.bias;
+  }
+  // Columns c and c + 1 of the tile (c even, so c + 1 < kBN).
+  static __device__ __forceinline__ ColumnFactors read(const float (&buffer)[2][kBN], int c) {
+    return {{buffer[0][c], buffer[0][c + 1]}, {buffer[1][c], buffer[1][c + 1]}};
+  }
+};
 
 // Per channel: 0 + float(P) * (sa * sw), then + bias (or + 0), every step
 // rounded on its own as the CPU kernel does (no fused multiply-add), so every
