@@ -94,13 +94,16 @@ struct WgmmaShape {
   static constexpr int kBarrierBytes = 8 * 2 * (kInt8Stages + kPackedStages);
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kInt8Stages * kInt8StageBytes +
                                     kPackedStages * kPackedStageBytes + kBarrierBytes;
+  // The kernel's static shared memory: per channel, the staged column factors
+  // (scale and bias of kBN columns, two tiles), and the split-K flag.
+  using ColumnFactorBuffers = float[2][2][kBN];
+  static constexpr int kStaticSmemBytes = sizeof(ColumnFactorBuffers) + sizeof(int);
   static_assert(kRows % 32 == 0 && kBM % 32 == 0);
   static_assert(!(kSplitK && kGrouped), "split K is exact for int32 sums only");
   static_assert(kInt8StageBytes % 1024 == 0 && kPackedStageBytes % 1024 == 0 &&
                     kBM * kPackedRowBytes % 1024 == 0,
                 "swizzle patterns need 1024-byte aligned stages and W boxes");
-  // Dynamic shared memory, plus the kernel's static column factors.
-  static_assert(kSmemBytes + 16 * kBN + 16 <= 227 * 1024);
+  static_assert(kSmemBytes + kStaticSmemBytes <= 227 * 1024);
   static_assert(kRoleRegisters <= kThreads * kLaunchRegisters,
                 "setmaxnreg would wait forever for registers the block does not have");
 };
@@ -246,7 +249,7 @@ __global__ void __launch_bounds__(Shape::kThreads, 1)
   constexpr int kQ = Shape::kInt8Stages, kP = Shape::kPackedStages;
   extern __shared__ uint8_t smem_raw[];
   __shared__ int last_split;  // this block finished its tile's last split
-  __shared__ float column_factors[2][2][kBN];  // per channel: StagedColumnFactors, by parity
+  __shared__ typename Shape::ColumnFactorBuffers column_factors;  // by tile parity
   // Everything below is computed after the role's setmaxnreg: values live
   // across it would have to fit the producer's few registers (or spill).
   auto int8_base = [&] { return (shared_addr(smem_raw) + 1023) & ~1023u; };
