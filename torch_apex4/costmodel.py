@@ -76,17 +76,18 @@ class Calibration:
     x value; quantize_row_s_per_value: along one row (one block per row)."""
 
     # Fitted (cost_model_check.py --fit) to the grid of benchmarks/results/
-    # h100_bench_gemm_m1_16_8192.json + h100_bench_gemm_m128_512_2048.json (H100 SXM,
-    # the kernels of this version; 180 cells, median error 1.045x, max 1.35x in sample).
-    launch_s: float = 10.3e-6
+    # 2026-12-07c/h100_bench_gemm.json (H100 SXM, the kernels with the staged
+    # wgmma epilogue; 180 cells, median error 1.044x, max 1.31x in sample).
+    # mma_sync_mma is from the earlier grid with forced paths (this one has none).
+    launch_s: float = 9.55e-6
     bandwidth: float = 0.835
-    fp16: float = 0.735
-    wgmma_mma: float = 0.485
+    fp16: float = 0.702
+    wgmma_mma: float = 0.594
     mma_sync_mma: float = 0.55
-    tiled_dequant: float = 0.346
-    decode_dequant: float = 0.0742
-    quantize_s_per_value: float = 1.68e-12
-    quantize_row_s_per_value: float = 2.8e-10
+    tiled_dequant: float = 0.294
+    decode_dequant: float = 0.0757
+    quantize_s_per_value: float = 1.46e-12
+    quantize_row_s_per_value: float = 3.55e-10
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

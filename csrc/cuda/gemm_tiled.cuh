@@ -138,6 +138,15 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) gemm_tiled_kernel(const Gem
   int acc[kMT][kNT][4] = {};
   float facc[kMT][kNT][4] = {};  // per group only; dead (and removed) per channel
 
+  // Per channel, the epilogue's factors are loaded now, their latency hidden
+  // by the main loop (see StagedColumnFactors).
+  __shared__ float column_factors[2][kBN];
+  StagedColumnFactors<kBN> factors;
+  if constexpr (!kGrouped) {
+    if (tid < kBN) factors.load(p, n0 + tid, true);
+    load_row_scales(0);
+  }
+
 #pragma unroll
   for (int s = 0; s < Tile::kStages - 1; ++s) {
     if (s < ktiles) load_stage(s, s);
@@ -209,9 +218,19 @@ __global__ void __launch_bounds__(Tile::kThreads, 1) gemm_tiled_kernel(const Gem
     }
   }
 
-  if constexpr (!kGrouped) load_row_scales(0);
+  if constexpr (!kGrouped) {
+    if (tid < kBN) factors.publish(column_factors, tid);
+    __syncthreads();
+  }
   store_output<kMT, kNT>(
-      p, thread_m, thread_n, [&](int n) { return load_column_factors(p, n, !kGrouped); },
+      p, thread_m, thread_n,
+      [&](int n) {
+        if constexpr (kGrouped) {
+          return load_column_factors(p, n, false);  // the bias only
+        } else {
+          return StagedColumnFactors<kBN>::read(column_factors, n - n0);
+        }
+      },
       [&](int mt, int nt, int i, const ColumnFactors& c) {
         if constexpr (kGrouped) {
           return __fadd_rn(facc[mt][nt][i], c.bias[i % 2]);
