@@ -152,22 +152,22 @@ def _cudagraph_skips():
     return counters["inductor"]["cudagraph_skips"]
 
 
-def decode_profile(advance, tokens, steps, device):
-    """Where a decode step's GPU time goes: the torch profiler over `steps` more
-    steps, summarized by kernel_summary. CUDA only."""
+def gpu_profile(run, steps, device):
+    """Where the GPU time of `run` (`steps` prefills or decode steps) goes: the
+    torch profiler around it, summarized per step by kernel_summary. CUDA only."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     if torch.device(device).type != "cuda":
         raise ValueError(f"--profile times CUDA kernels; the device is {device}")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        greedy_decode(advance, tokens, steps)
+        run()
         _sync(device)
     return kernel_summary([e for e in prof.events() if e.device_type == DeviceType.CUDA], steps)
 
 
 def kernel_summary(kernels, steps, top=12):
-    """Profiler kernel events of `steps` decode steps, per step: span_us (first
+    """Profiler kernel events of `steps` steps (prefills or decode steps), per step: span_us (first
     kernel start to last kernel end), busy_us (kernel time; span - busy is the
     GPU idle between kernels) and the `top` kernels by time, {name: [us,
     launches]}."""
@@ -245,8 +245,14 @@ def bench_model(label, model, compile_kwargs, args, device, on_record=lambda rec
             for _ in range(args.repeats):
                 cache.reset()
                 times.append(_timed(lambda: call(ids, cache), device)[1])
+            if args.profile:
+                cache.reset()
+                profile = gpu_profile(lambda: call(ids, cache), 1, device)
         record("prefill", 1, args.prefill, min(times), compile_s,
                "inductor" if graphs == "inductor" else "none", _cudagraph_skips() - skips)
+        if args.profile:
+            records[-1]["gpu_profile"] = profile
+            print(format_profile(profile), file=sys.stderr, flush=True)
         del cache
     for batch in args.batch:
         prompt = torch.randint(0, vocab, (batch, args.context), generator=generator).to(device)
@@ -270,7 +276,8 @@ def bench_model(label, model, compile_kwargs, args, device, on_record=lambda rec
             _sync(device)
             compile_s = time.perf_counter() - start
             _, seconds = _timed(lambda: greedy_decode(advance, tokens, args.steps), device)
-            profile = decode_profile(advance, tokens, args.profile, device) if args.profile else None
+            profile = gpu_profile(lambda: greedy_decode(advance, tokens, args.profile),
+                                  args.profile, device) if args.profile else None
         record("decode", batch, batch * args.steps, seconds, compile_s, graphed,
                _cudagraph_skips() - skips)
         if profile is not None:
@@ -412,8 +419,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="run both models eagerly")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                        help="after timing, profile STEPS more decode steps (torch profiler): "
-                             "GPU time per step by kernel, and the idle time between kernels")
+                        help="after timing, profile one more prefill and STEPS more decode "
+                             "steps (torch profiler): GPU time per step by kernel, and the "
+                             "idle time between kernels")
     parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=[],
                         help="also measure each W4A4 model with the backend's weight "
                              "prefetch (prefetch) or with its sibling projections "

@@ -153,7 +153,7 @@ def test_plan_summary_counts():
 
 def test_profile_needs_cuda():
     with pytest.raises(ValueError, match="CUDA"):
-        bench_e2e.decode_profile(None, None, 2, "cpu")
+        bench_e2e.gpu_profile(None, 2, "cpu")
 
 
 def test_kernel_summary_and_its_format():
