@@ -167,10 +167,10 @@ def gpu_profile(run, steps, device):
 
 
 def kernel_summary(kernels, steps, top=12):
-    """Profiler kernel events of `steps` steps (prefills or decode steps), per step: span_us (first
-    kernel start to last kernel end), busy_us (kernel time; span - busy is the
-    GPU idle between kernels) and the `top` kernels by time, {name: [us,
-    launches]}."""
+    """Profiler kernel events of `steps` steps (prefills or decode steps), per
+    step: span_us (first kernel start to last kernel end), busy_us (kernel
+    time; span - busy is the GPU idle between kernels) and the `top` kernels
+    by time, {name: [us, launches]}."""
     if not kernels:
         return dict(steps=steps, span_us=None, busy_us=None, kernels={})
     per_name = {}
@@ -219,15 +219,19 @@ def bench_model(label, model, compile_kwargs, args, device, on_record=lambda rec
     generator = torch.Generator(device="cpu").manual_seed(1)
     records = []
 
-    def record(phase, batch, tokens, seconds, compile_s, graphed, skips):
+    def record(phase, batch, tokens, seconds, compile_s, graphed, skips, profile):
         records.append(dict(model=label, phase=phase, batch=batch, tokens=tokens,
                             seconds=seconds, tokens_per_s=tokens / seconds,
                             compile_and_warmup_s=compile_s, cuda_graphs=graphed,
                             cudagraph_skips=skips))
+        if profile is not None:
+            records[-1]["gpu_profile"] = profile
         on_record(records[-1])
         print(f"  {label:>18} {phase:>7} batch {batch:>2}: {tokens / seconds:10.1f} tokens/s "
               f"({seconds * 1e3:.2f} ms; compile+warm-up {compile_s:.1f} s; CUDA graphs "
               f"{graphed})", file=sys.stderr, flush=True)
+        if profile is not None:
+            print(format_profile(profile), file=sys.stderr, flush=True)
 
     if args.prefill:
         ids = torch.randint(0, vocab, (1, args.prefill), generator=generator).to(device)
@@ -245,14 +249,13 @@ def bench_model(label, model, compile_kwargs, args, device, on_record=lambda rec
             for _ in range(args.repeats):
                 cache.reset()
                 times.append(_timed(lambda: call(ids, cache), device)[1])
+            profile = None
             if args.profile:
                 cache.reset()
                 profile = gpu_profile(lambda: call(ids, cache), 1, device)
         record("prefill", 1, args.prefill, min(times), compile_s,
-               "inductor" if graphs == "inductor" else "none", _cudagraph_skips() - skips)
-        if args.profile:
-            records[-1]["gpu_profile"] = profile
-            print(format_profile(profile), file=sys.stderr, flush=True)
+               "inductor" if graphs == "inductor" else "none", _cudagraph_skips() - skips,
+               profile)
         del cache
     for batch in args.batch:
         prompt = torch.randint(0, vocab, (batch, args.context), generator=generator).to(device)
@@ -279,10 +282,7 @@ def bench_model(label, model, compile_kwargs, args, device, on_record=lambda rec
             profile = gpu_profile(lambda: greedy_decode(advance, tokens, args.profile),
                                   args.profile, device) if args.profile else None
         record("decode", batch, batch * args.steps, seconds, compile_s, graphed,
-               _cudagraph_skips() - skips)
-        if profile is not None:
-            records[-1]["gpu_profile"] = profile
-            print(format_profile(profile), file=sys.stderr, flush=True)
+               _cudagraph_skips() - skips, profile)
         del advance, cache
     return records
 

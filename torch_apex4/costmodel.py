@@ -77,7 +77,7 @@ class Calibration:
 
     # Fitted (cost_model_check.py --fit) to the grid of benchmarks/results/
     # 2026-12-07c/h100_bench_gemm.json (H100 SXM, the kernels with the staged
-    # wgmma epilogue; 180 cells, median error 1.044x, max 1.31x in sample).
+    # wgmma epilogue; 180 cells, median error 1.046x, max 1.31x in sample).
     # mma_sync_mma is from the earlier grid with forced paths (this one has none).
     launch_s: float = 9.55e-6
     bandwidth: float = 0.835
