@@ -283,6 +283,11 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
       // This warp's chunks of the stage: c0 .. c_end - 1 (of K).
       const int c0 = s * decode::kStageChunks + warp * decode::kWarpChunks;
       const int c_end = min(chunks, c0 + decode::kWarpChunks);
+      // Per group: where c0 sits in its group, so that the chunk loop finds the
+      // group ends by counting (an integer division per chunk, ~35
+      // instructions, cost more than the chunk's MMA work).
+      int group = kGrouped ? c0 / steps_per_group : 0;
+      int in_group = kGrouped ? c0 - group * steps_per_group : 0;
       ring.wait(item);
       const uint8_t* rows =
           ring.slot(item) + warp * decode::kWarpChunks * decode::kChunkBytes + 8 * t;
@@ -310,7 +315,12 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
         }
         if constexpr (kGrouped) {
           // A group longer than the warp's chunks of this stage is flushed in pieces.
-          if ((c + 1) % steps_per_group == 0 || c + 1 == c_end) flush_group(c / steps_per_group);
+          const bool group_end = ++in_group == steps_per_group;
+          if (group_end || c + 1 == c_end) flush_group(group);
+          if (group_end) {
+            ++group;
+            in_group = 0;
+          }
         }
       }
       if (s == ring.stages_per_tile - 1) {
