@@ -52,7 +52,6 @@ constexpr int kWarpChunks = kStageChunks / kWarps;  // a warp's chunks of a stag
 // Row pitch in a stage: 32 bytes past a multiple of 128, so the 8-byte loads
 // of rows g = 0..7 (bytes 8t..8t+7 of one chunk) fill 32 banks twice over.
 constexpr int kRowPitch = kStageBytes + 32;
-constexpr int kStageSmem = kRows * kRowPitch;
 constexpr int kMaxStages = 6;
 static_assert(kStageChunks % kWarps == 0, "a stage's chunks split evenly over the warps");
 }  // namespace decode
