@@ -1,4 +1,16 @@
-import re, sys, statistics
+"""Verdict on a decode-kernel candidate from one `gemm_timing decode` log in
+which run_m16x2.sh ran the landed kernel ("### base") and the candidate
+("### cand") twice each: per cell the faster of a binary's runs, the ratio
+candidate / base, and, last line, "cand" only if kernel_test passed (its
+exit status, second argument) and the M = 16 cells at N = 11008 and 28672
+(the ones the candidate targets) total under 0.98x the base.
+
+    python3 compare_decode.py LOG KERNEL_TEST_RC
+"""
+import re
+import statistics
+import sys
+
 path, kt = sys.argv[1], int(sys.argv[2])
 times = {}
 who = None

@@ -3,7 +3,8 @@
 # decode header and its tests, applied to a copy of the tree in /tmp/cand)
 # against the landed kernel (this tree):
 #   run(command="LIMIT=570 bash benchmarks/pending/run_m16x2.sh", timeout_s=595)
-# (carry=["build/next"] if the binaries were prebuilt there: saves ~1 min).
+# (carry=["build/next"] if its binaries were prebuilt from this tree and the
+# patch: saves ~1 min; otherwise they are built here.)
 # kernel_test of the candidate and `gemm_timing decode` base/cand twice while
 # both extensions build; the verdict (compare_decode.py) keeps the candidate
 # only if kernel_test passes and its M = 16 cells on N = 11008 / 28672 total
