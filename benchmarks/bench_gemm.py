@@ -4,16 +4,22 @@ granularity -- w4a4_linear (the layer's real cost: fp16 x in, quantization of
 x included, fp16 out) and w4a4_gemm alone (already quantized x) -- at the
 LLaMA-2-7B/70B linear-layer shapes.
 
-Times are the smaller of two medians of triton.testing.do_bench (which also
-clears L2 before every call), or a median of CUDA events when Triton is
-missing. Inputs are random and non-zero; for small problems several copies of
-every operand are rotated so that none is served from L2. Prints a table last
-(microseconds for FP16, then speedup over FP16 per cell) and writes every
-measurement as JSON.
+Eager times are the smaller of two medians of triton.testing.do_bench (which
+also clears L2 before every call), or a median of CUDA events when Triton is
+missing. With --cuda-graph every cell is GRAPH_CALLS calls captured in one
+CUDA graph, replayed back to back between CUDA events, the way decode steps
+run, so that the graph's own launch gap is spread over many calls; the
+operand rotation alone keeps L2 cold there (--clear-l2 adds do_bench's 256 MB
+memset before every replay, which leaves L2 full of dirty lines: on an H100
+that moved the per-call times by 0.96-1.06x, median 1.01x). Inputs are
+random and non-zero; for small problems several copies of every operand are
+rotated so that none is served from L2. Prints a table last (microseconds
+for FP16, then speedup over FP16 per cell) and writes every measurement as
+JSON.
 
     python benchmarks/bench_gemm.py [--quick] [--json PATH] [--shapes NAME ...]
         [--tokens M ...] [--granularities G ...] [--compare-paths PATH ...]
-        [--quant-gemm]
+        [--quant-gemm] [--cuda-graph [--clear-l2]]
 
 --compare-paths adds w4a4_gemm columns with APEX4_GEMM_PATH forced to each
 path (e.g. sm90mma), to compare kernels in one run; --quant-gemm adds
@@ -52,7 +58,11 @@ QUICK_GRANULARITIES = [None, 128]
 # Operand copies rotated per call: enough bytes that the next call's operands
 # are not in L2 (50 MB on an H100) even without do_bench's cache clearing.
 ROTATION_BYTES = 256 << 20
-MAX_COPIES = 8
+MAX_COPIES = 16
+# Calls in one timed CUDA graph: a multiple of MAX_COPIES, and enough that the
+# graph's launch gap is a small part of a replay.
+GRAPH_CALLS = 32
+GRAPH_REPLAYS = 4  # per timed interval
 
 
 def granularity_name(group_size):
@@ -169,9 +179,9 @@ def with_gemm_path(path, fn):
 
 
 def graph_replay(fn):
-    """fn called MAX_COPIES times in one CUDA graph, as decode steps run
-    (no per-call launch cost on the CPU); every call still gets operands
-    that are not in L2 (rotating's copies span ROTATION_BYTES)."""
+    """fn called GRAPH_CALLS times in one CUDA graph, as decode steps run (no
+    per-call launch cost on the CPU); every call still gets operands that are
+    not in L2 (rotating's copies span ROTATION_BYTES)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # one-time setup (kernel attributes) outside the capture
@@ -180,12 +190,29 @@ def graph_replay(fn):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(MAX_COPIES):
+        for _ in range(GRAPH_CALLS):
             fn()
     return graph.replay
 
 
-def measure(fn, cuda_graph):
+def back_to_back_us(replay):
+    """Median over 10 intervals of GRAPH_REPLAYS replays run back to back
+    between two CUDA events, in microseconds per replay."""
+    for _ in range(3):
+        replay()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(GRAPH_REPLAYS):
+            replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / GRAPH_REPLAYS)
+    return statistics.median(times)
+
+
+def measure(fn, cuda_graph, clear_l2=False):
     """Median microseconds per call, or None where the baseline does not
     support the shape (e.g. torch._int_mm needs M > 16)."""
     try:
@@ -194,12 +221,13 @@ def measure(fn, cuda_graph):
     except (RuntimeError, ValueError) as err:
         print(f"    unsupported: {str(err).splitlines()[0][:100]}", file=sys.stderr)
         return None
-    if cuda_graph:
-        return median_us(graph_replay(fn)) / MAX_COPIES
-    return median_us(fn)
+    if not cuda_graph:
+        return median_us(fn)
+    replay = graph_replay(fn)
+    return (median_us(replay) if clear_l2 else back_to_back_us(replay)) / GRAPH_CALLS
 
 
-def run(shapes, tokens, granularities, compare_paths, quant_gemm, cuda_graph):
+def run(shapes, tokens, granularities, compare_paths, quant_gemm, cuda_graph, clear_l2):
     records = []
     for name, k, n in shapes:
         for m in tokens:
@@ -216,7 +244,7 @@ def run(shapes, tokens, granularities, compare_paths, quant_gemm, cuda_graph):
                           for path in compare_paths]
             row = []
             for method, granularity, fn in cases:
-                us = measure(fn, cuda_graph)
+                us = measure(fn, cuda_graph, clear_l2)
                 row.append(dict(shape=name, k=k, n=n, m=m, method=method, granularity=granularity,
                                 median_us=us, tops=None if us is None else 2 * m * n * k / us / 1e6))
             fp16_us = row[0]["median_us"]
@@ -229,7 +257,13 @@ def run(shapes, tokens, granularities, compare_paths, quant_gemm, cuda_graph):
     return records
 
 
-def print_table(records, cuda_graph):
+def timing_label(cuda_graph, clear_l2):
+    if not cuda_graph:
+        return "eager"
+    return "cuda-graph, L2 cleared per replay" if clear_l2 else "cuda-graph, back to back"
+
+
+def print_table(records, timing):
     columns = []
     for r in records:
         key = (r["method"], r["granularity"])
@@ -254,8 +288,7 @@ def print_table(records, cuda_graph):
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
     print("cells: speedup over FP16 F.linear (higher is better); 'linear' = w4a4_linear on the "
           "fp16 input (activation quantization included), 'gemm' = w4a4_gemm on quantized input; "
-          "apex4 outputs fp16; " + ("CUDA-graph replays (no CPU launch cost)" if cuda_graph
-                                    else "eager calls"))
+          f"apex4 outputs fp16; timing: {timing}")
 
 
 def main():
@@ -276,7 +309,11 @@ def main():
     parser.add_argument("--cuda-graph", action="store_true",
                         help="time every cell as CUDA-graph replays, the way decode steps run "
                              "(small-M cells are otherwise bound by the CPU's launch cost)")
+    parser.add_argument("--clear-l2", action="store_true",
+                        help="with --cuda-graph: do_bench's L2 clearing before every replay")
     args = parser.parse_args()
+    if args.clear_l2 and not args.cuda_graph:
+        parser.error("--clear-l2 goes with --cuda-graph (eager calls always clear L2)")
     if not torch.cuda.is_available():
         sys.exit("bench_gemm.py needs a CUDA GPU")
     names = args.shapes or (QUICK_SHAPES if args.quick else [s[0] for s in SHAPES])
@@ -286,15 +323,16 @@ def main():
                      or (QUICK_GRANULARITIES if args.quick else GRANULARITIES))
     torch.manual_seed(0)
     records = run(shapes, tokens, granularities, args.compare_paths, args.quant_gemm,
-                  args.cuda_graph)
+                  args.cuda_graph, args.clear_l2)
+    timing = timing_label(args.cuda_graph, args.clear_l2)
     if args.json:
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                     cuda=torch.version.cuda, gemm_path=os.environ.get("APEX4_GEMM_PATH", "auto"),
-                    timing="cuda-graph" if args.cuda_graph else "eager")
+                    timing=timing)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, records=records), f, indent=1)
         print(f"wrote {args.json}", file=sys.stderr)
-    print_table(records, args.cuda_graph)
+    print_table(records, timing)
 
 
 if __name__ == "__main__":

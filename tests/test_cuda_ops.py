@@ -494,6 +494,8 @@ def test_quantize_tiny_scales_and_heavy_clipping_match_cpu(dtype):
 @pytest.mark.parametrize("m,n,k,group_size", [
     (1, 4096, 4096, None), (1, 300, 11008, 128), (3, 70, 28672, None), (16, 130, 8192, 64),
     (9, 2000, 2112, 192), (1, 33, 64, None),
+    # two 16-row groups a tile (N >= 2 x 32 rows x 2 blocks x SMs, up to 148 SMs)
+    (16, 19000, 4096, None), (11, 20000, 2112, 128),
 ])
 def test_decode_gemm_matches_cpu_across_stages(monkeypatch, m, n, k, group_size):
     set_path(monkeypatch, "decode")

@@ -2,20 +2,26 @@
 //
 // The weight is the MMA's A operand (16 weight rows = the MMA's M) and the
 // tokens its B operand (8 tokens = the MMA's N), so a 16-token step wastes no
-// MMA rows. A block owns tiles of 16 weight rows and all of K. The weights
-// and the block's activation rows stream through a ring of shared-memory
-// stages (1 KB of K of each row): on Hopper warp 0 fills a stage with one
-// bulk copy (cp.async.bulk) per row, completing on the stage's mbarrier,
-// elsewhere all threads with cp.async; the ring keeps several stages -- tens
-// of KB per block, up to the whole weight of small layers -- in flight, and
-// runs on into the block's next row tile. Each warp multiplies 4 of a stage's
-// 32 chunks of 64 values, from shared memory into MMA fragments; rows are
-// stored 1056 bytes apart so that the 8-byte fragment loads of 8 rows hit
-// distinct banks. The warps' partial sums are reduced in shared memory in
-// warp order, so the result is deterministic. Per channel the partials are
-// int32 and the reduction is exact; per group each warp scales its partials
-// at every group end (or stage end, for groups longer than a warp's 4 chunks)
-// into fp32.
+// MMA rows. A block owns row tiles of one or two such 16-row groups and all
+// of K. The weights and the block's activation rows stream through a ring of
+// shared-memory stages (1 KB of K of each row): on Hopper warp 0 fills a
+// stage with one bulk copy (cp.async.bulk) per row, completing on the stage's
+// mbarrier, elsewhere all threads with cp.async; the ring keeps several
+// stages -- tens of KB per block, up to the whole weight of small layers --
+// in flight, and runs on into the block's next row tile. The warps split a
+// stage's row groups and its 32 chunks of 64 values (with one row group each
+// warp multiplies 4 chunks, with two 8 of one group), from shared memory into
+// MMA fragments; rows are stored 1056 bytes apart so that the 8-byte fragment
+// loads of 8 rows hit distinct banks. The warps' partial sums are reduced in
+// shared memory in warp order, so the result is deterministic. Per channel
+// the partials are int32 and the reduction is exact; per group each warp
+// scales its partials at every group end (or stage end, for groups longer
+// than a warp's chunks) into fp32.
+//
+// Two row groups a tile: the token rows of a stage are read from L2 once per
+// row tile, so with 9..16 tokens and 16-row tiles the L2 carries twice the
+// weight bytes; 32-row tiles make it 1.5 times. They are taken where N gives
+// every block of the grid at least two of them (launch_gemm_decode_for).
 //
 // With GemmParams::prefetch set (the next layer's weight), each block asks L2
 // for its share of those bytes once its own last weight copy is issued, so
@@ -44,26 +50,34 @@ namespace apex4::cuda {
 namespace decode {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kRows = 16;  // weight rows per tile: the MMA's M
+constexpr int kRows = 16;  // weight rows of a row group: the MMA's M
 constexpr int kChunkBytes = 32;  // 64 values: one k64 step
 constexpr int kStageBytes = 1024;  // of each weight row per ring stage
 constexpr int kStageChunks = kStageBytes / kChunkBytes;
-constexpr int kWarpChunks = kStageChunks / kWarps;  // a warp's chunks of a stage
 // Row pitch in a stage: 32 bytes past a multiple of 128, so the 8-byte loads
 // of rows g = 0..7 (bytes 8t..8t+7 of one chunk) fill 32 banks twice over.
 constexpr int kRowPitch = kStageBytes + 32;
 constexpr int kMaxStages = 6;
 static_assert(kStageChunks % kWarps == 0, "a stage's chunks split evenly over the warps");
+// The split of a stage over the warps, with kRowGroups row groups a tile.
+template <int kRowGroups>
+struct Split {
+  static_assert(kWarps % kRowGroups == 0, "the warps split evenly over the row groups");
+  static constexpr int kTileRows = kRows * kRowGroups;
+  static constexpr int kGroupWarps = kWarps / kRowGroups;  // warps of a row group
+  static constexpr int kWarpChunks = kStageChunks / kGroupWarps;  // a warp's chunks of a stage
+};
 }  // namespace decode
 
 // The stages of one block: a ring of `stages` slots in shared memory through
 // which the block's sequence of (row tile, K stage) items streams, each slot
-// holding 16 weight rows and then the block's token rows. Item i goes to slot
+// holding a row tile's weight rows and then the block's token rows. Item i goes to slot
 // i % stages; its slot is refilled once every thread has consumed it.
 struct StageRing {
   uint8_t* smem;
   int stages, slot_bytes;
   int first_tile, tile_step, tiles;  // the block's row tiles
+  int tile_rows;
   int stages_per_tile;
   int n, row_bytes, tokens;
   const uint8_t* w;
@@ -126,7 +140,7 @@ struct StageRing {
   __device__ __forceinline__ void fill_weights(int i) const {
     if (i >= items()) return;
     const int tile = first_tile + i / stages_per_tile * tile_step;
-    const int rows = min(decode::kRows, n - tile * decode::kRows);
+    const int rows = min(tile_rows, n - tile * tile_rows);
 #if defined(APEX4_SM90A)
     if (threadIdx.x == 0) {
       mbarrier_arrive_expect_tx(shared_addr(full + i % stages),
@@ -134,13 +148,13 @@ struct StageRing {
     }
     __syncwarp();  // the expected bytes are set before warp 0 issues the copies
 #endif
-    copy_rows(slot(i), w + static_cast<int64_t>(tile) * decode::kRows * row_bytes + k_byte(i),
+    copy_rows(slot(i), w + static_cast<int64_t>(tile) * tile_rows * row_bytes + k_byte(i),
               rows, bytes(i), i);
     if (i == items() - 1) prefetch_next();
   }
   __device__ __forceinline__ void fill_tokens(int i) const {
     if (i >= items()) return;
-    copy_rows(slot(i) + decode::kRows * decode::kRowPitch, a + k_byte(i), tokens, bytes(i), i);
+    copy_rows(slot(i) + tile_rows * decode::kRowPitch, a + k_byte(i), tokens, bytes(i), i);
   }
   // Called by every thread after its last read of item i's slot, which then
   // takes item i + stages. On Hopper each warp arrives on the slot's empty
@@ -170,29 +184,36 @@ struct StageRing {
   }
 };
 
-// Shared memory of a ring slot for a block of `tokens` tokens (at most).
-constexpr int decode_slot_bytes(int tokens) { return (decode::kRows + tokens) * decode::kRowPitch; }
+// Shared memory of a ring slot for row tiles of `tile_rows` and a block of
+// `tokens` tokens (at most).
+constexpr int decode_slot_bytes(int tile_rows, int tokens) {
+  return (tile_rows + tokens) * decode::kRowPitch;
+}
 
-template <int kTokenTiles, bool kGrouped>
+template <int kTokenTiles, int kRowGroups, bool kGrouped>
 __global__ void __launch_bounds__(decode::kThreads, 2)
     gemm_decode_kernel(const GemmParams p, int stages) {
   using Mma = Int8Mma;
   using Partial = std::conditional_t<kGrouped, float, int>;
-  __shared__ Partial partials[decode::kWarps][kTokenTiles][4][32];
+  using Split = decode::Split<kRowGroups>;
+  __shared__ Partial partials[Split::kGroupWarps][kRowGroups][kTokenTiles][4][32];
   extern __shared__ __align__(128) uint8_t smem[];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
+  // This warp's row group of a tile, and its place among that group's warps.
+  const int rg = warp / Split::kGroupWarps, gw = warp % Split::kGroupWarps;
   const int tok0 = blockIdx.y * 8 * kTokenTiles;
   const int tokens = min(p.m - tok0, 8 * kTokenTiles);
-  const int row_tiles = (p.n + decode::kRows - 1) / decode::kRows;
+  const int row_tiles = (p.n + Split::kTileRows - 1) / Split::kTileRows;
   const int chunks = p.kp / 64;
   const int steps_per_group = p.kp / p.groups / 64;
 
   StageRing ring;
   ring.smem = smem;
   ring.stages = stages;
-  ring.slot_bytes = decode_slot_bytes(min(p.m, 8 * kTokenTiles));
+  ring.slot_bytes = decode_slot_bytes(Split::kTileRows, min(p.m, 8 * kTokenTiles));
+  ring.tile_rows = Split::kTileRows;
   ring.first_tile = blockIdx.x;
   ring.tile_step = gridDim.x;
   ring.tiles = (row_tiles - 1 - blockIdx.x) / gridDim.x + 1;
@@ -232,34 +253,56 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
   auto act_scale = [&](int tok, int group) {
     return __ldg(p.a_scale + static_cast<int64_t>(tok0 + tok) * p.groups + group);
   };
-  // The epilogue: one thread per output element of a tile (token tile et,
-  // accumulator register ei, lane el). Its scales and bias are read before
-  // the tile's main loop, so that their latency hides behind it.
-  const bool epilogue = threadIdx.x < kTokenTiles * 4 * 32;
-  const int et = threadIdx.x / 128, ei = threadIdx.x / 32 % 4, el = threadIdx.x % 32;
-  const int e_row = el / 4 + 8 * (ei / 2), e_tok = et * 8 + 2 * (el % 4) + ei % 2;
-  const float e_act_scale =
-      !kGrouped && epilogue && e_tok < tokens ? act_scale(e_tok, 0) * Mma::kInvAccScale : 0.0f;
+  // The epilogue: one thread per output element of a tile (element e: row
+  // group erg, token tile et, accumulator register ei, lane el), each thread
+  // taking kOutputs elements kThreads apart. Its scales and bias are read
+  // before the tile's main loop, so that their latency hides behind it.
+  constexpr int kElements = kRowGroups * kTokenTiles * 4 * 32;
+  constexpr int kOutputs = (kElements + decode::kThreads - 1) / decode::kThreads;
+  struct Output {
+    int erg, et, ei, el, row, tok;
+    bool ok;
+    float act_scale, scale, bias;
+  } out[kOutputs];
+#pragma unroll
+  for (int o = 0; o < kOutputs; ++o) {
+    const int e = threadIdx.x + o * decode::kThreads;
+    Output& q = out[o];
+    q.erg = e / (kTokenTiles * 128);
+    q.et = e / 128 % kTokenTiles;
+    q.ei = e / 32 % 4;
+    q.el = e % 32;
+    q.row = q.erg * decode::kRows + q.el / 4 + 8 * (q.ei / 2);
+    q.tok = q.et * 8 + 2 * (q.el % 4) + q.ei % 2;
+    q.act_scale = !kGrouped && e < kElements && q.tok < tokens
+                      ? act_scale(q.tok, 0) * Mma::kInvAccScale
+                      : 0.0f;
+  }
 
   int item = 0;
   for (int tile = blockIdx.x; tile < row_tiles; tile += gridDim.x) {
-    const int n0 = tile * decode::kRows;
+    const int n0 = tile * Split::kTileRows;
+    const int w_row0 = n0 + rg * decode::kRows + g;  // this thread's first weight row
     bool w_ok[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) w_ok[h] = n0 + g + 8 * h < p.n;
+    for (int h = 0; h < 2; ++h) w_ok[h] = w_row0 + 8 * h < p.n;
     int acc[kTokenTiles][4] = {};
     float facc[kTokenTiles][4] = {};  // per group only
-    const int e_n = n0 + e_row;
-    const bool e_ok = epilogue && e_n < p.n && e_tok < tokens;
-    // 0 + float(P) * (sa * sw), rounded like the CPU kernel (per channel).
-    const float e_scale = !kGrouped && e_ok ? e_act_scale * p.w_scale[e_n] : 0.0f;
-    const float e_bias = e_ok && p.bias != nullptr ? load_float(p.bias, p.bias_kind, e_n) : 0.0f;
+#pragma unroll
+    for (int o = 0; o < kOutputs; ++o) {
+      Output& q = out[o];
+      const int e_n = n0 + q.row;
+      q.ok = threadIdx.x + o * decode::kThreads < kElements && e_n < p.n && q.tok < tokens;
+      // 0 + float(P) * (sa * sw), rounded like the CPU kernel (per channel).
+      q.scale = !kGrouped && q.ok ? q.act_scale * p.w_scale[e_n] : 0.0f;
+      q.bias = q.ok && p.bias != nullptr ? load_float(p.bias, p.bias_kind, e_n) : 0.0f;
+    }
 
     auto flush_group = [&](int group) {
       float sw[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        sw[h] = w_ok[h] ? __ldg(p.w_scale + static_cast<int64_t>(n0 + g + 8 * h) * p.groups + group)
+        sw[h] = w_ok[h] ? __ldg(p.w_scale + static_cast<int64_t>(w_row0 + 8 * h) * p.groups + group)
                         : 0.0f;
       }
 #pragma unroll
@@ -280,8 +323,8 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
 
     for (int s = 0; s < ring.stages_per_tile; ++s, ++item) {
       // This warp's chunks of the stage: c0 .. c_end - 1 (of K).
-      const int c0 = s * decode::kStageChunks + warp * decode::kWarpChunks;
-      const int c_end = min(chunks, c0 + decode::kWarpChunks);
+      const int c0 = s * decode::kStageChunks + gw * Split::kWarpChunks;
+      const int c_end = min(chunks, c0 + Split::kWarpChunks);
       // Per group: where c0 sits in its group, so that the chunk loop finds the
       // group ends by counting (an integer division per chunk, ~35
       // instructions, cost more than the chunk's MMA work).
@@ -289,16 +332,17 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
       int in_group = kGrouped ? c0 - group * steps_per_group : 0;
       ring.wait(item);
       const uint8_t* rows =
-          ring.slot(item) + warp * decode::kWarpChunks * decode::kChunkBytes + 8 * t;
+          ring.slot(item) + gw * Split::kWarpChunks * decode::kChunkBytes + 8 * t;
 #pragma unroll
-      for (int i = 0; i < decode::kWarpChunks; ++i) {
+      for (int i = 0; i < Split::kWarpChunks; ++i) {
         const int c = c0 + i;
         if (c >= c_end) break;
         const uint8_t* chunk = rows + i * decode::kChunkBytes;
         uint2 wv[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          wv[h] = w_ok[h] ? *reinterpret_cast<const uint2*>(chunk + (g + 8 * h) * decode::kRowPitch)
+          wv[h] = w_ok[h] ? *reinterpret_cast<const uint2*>(
+                                chunk + (rg * decode::kRows + g + 8 * h) * decode::kRowPitch)
                           : make_uint2(0, 0);
         }
         const uint32_t words[4] = {wv[0].x, wv[1].x, wv[0].y, wv[1].y};
@@ -306,7 +350,7 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
 #pragma unroll
         for (int tt = 0; tt < kTokenTiles; ++tt) {
           const uint2 av = a_ok[tt] ? *reinterpret_cast<const uint2*>(
-                                          chunk + (decode::kRows + tt * 8 + g) * decode::kRowPitch)
+                                          chunk + (Split::kTileRows + tt * 8 + g) * decode::kRowPitch)
                                     : make_uint2(0, 0);
           const typename Mma::B b = Mma::b_operand(av.x, av.y);
 #pragma unroll
@@ -328,9 +372,9 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             if constexpr (kGrouped) {
-              partials[warp][tt][i][lane] = facc[tt][i];
+              partials[gw][rg][tt][i][lane] = facc[tt][i];
             } else {
-              partials[warp][tt][i][lane] = acc[tt][i];
+              partials[gw][rg][tt][i][lane] = acc[tt][i];
             }
           }
         }
@@ -341,18 +385,21 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
 
     // Sum the warps' partials in warp order, then scale (per channel) and
     // add the bias (or 0) like the tiled kernels' epilogue.
-    if (e_ok) {
+#pragma unroll
+    for (int o = 0; o < kOutputs; ++o) {
+      const Output& q = out[o];
+      if (!q.ok) continue;
       Partial total = 0;
 #pragma unroll
-      for (int w = 0; w < decode::kWarps; ++w) total += partials[w][et][ei][el];
+      for (int w = 0; w < Split::kGroupWarps; ++w) total += partials[w][q.erg][q.et][q.ei][q.el];
       float v;
       if constexpr (kGrouped) {
         v = total;
       } else {
-        v = __fadd_rn(0.0f, __fmul_rn(static_cast<float>(total), e_scale));
+        v = __fadd_rn(0.0f, __fmul_rn(static_cast<float>(total), q.scale));
       }
-      v = __fadd_rn(v, e_bias);
-      store_float(p.out, p.out_kind, static_cast<int64_t>(tok0 + e_tok) * p.n + e_n, v);
+      v = __fadd_rn(v, q.bias);
+      store_float(p.out, p.out_kind, static_cast<int64_t>(tok0 + q.tok) * p.n + n0 + q.row, v);
     }
     if (tile + gridDim.x < row_tiles) __syncthreads();  // partials are rewritten next tile
   }
@@ -363,24 +410,25 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
 // stages as a block has items, at most kMaxStages and what fits two blocks
 // per SM. programmatic: launched as a programmatic dependent of the kernel
 // before it on the stream (compute capability 9.0+).
-template <int kTokenTiles, bool kGrouped>
+template <int kTokenTiles, int kRowGroups, bool kGrouped>
 cudaError_t launch_gemm_decode_shape(const GemmParams& p, int max_row_blocks, bool programmatic,
                                      cudaStream_t stream) {
   constexpr int kTokens = 8 * kTokenTiles;
-  const auto kernel = gemm_decode_kernel<kTokenTiles, kGrouped>;
+  constexpr int kTileRows = decode::Split<kRowGroups>::kTileRows;
+  const auto kernel = gemm_decode_kernel<kTokenTiles, kRowGroups, kGrouped>;
   int device = 0, smem_per_sm = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) {
     err = cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   }
   if (err != cudaSuccess) return err;
-  const int row_tiles = (p.n + decode::kRows - 1) / decode::kRows;
+  const int row_tiles = (p.n + kTileRows - 1) / kTileRows;
   int row_blocks = row_tiles;
   if (max_row_blocks > 0 && row_blocks > max_row_blocks) row_blocks = max_row_blocks;
   const int stages_per_tile = (p.kp / 2 + decode::kStageBytes - 1) / decode::kStageBytes;
   const int64_t items = static_cast<int64_t>((row_tiles + row_blocks - 1) / row_blocks) *
                         stages_per_tile;
-  const int slot_bytes = decode_slot_bytes(p.m < kTokens ? p.m : kTokens);
+  const int slot_bytes = decode_slot_bytes(kTileRows, p.m < kTokens ? p.m : kTokens);
   // Per block: half the SM, less the static partials and 1 KB the system keeps.
   const int64_t budget = smem_per_sm / 2 - 1024 -
                          static_cast<int64_t>(sizeof(int)) * decode::kWarps * kTokenTiles * 128;
@@ -405,20 +453,28 @@ cudaError_t launch_gemm_decode_shape(const GemmParams& p, int max_row_blocks, bo
   return cudaLaunchKernelEx(&config, kernel, p, static_cast<int>(stages));
 }
 
-// Token tiles and per-group variant of p.
+// Token tiles, row groups and per-group variant of p. Two row groups a tile
+// only with two token tiles (where the token rows weigh in L2) and at least
+// two 32-row tiles for every block of a limited grid: with fewer, the blocks
+// that walk one more tile than the rest set the time (H100, M = 16: 0.91x the
+// 16-row tiles' time at N = 28672, 896 tiles for 264 blocks; 1.04x at N =
+// 11008, 344 tiles; benchmarks/NOTES.md v14).
 inline cudaError_t launch_gemm_decode_for(const GemmParams& p, int max_row_blocks,
                                           bool programmatic, cudaStream_t stream) {
-  const auto launch = [&](auto token_tiles, auto grouped) {
-    return launch_gemm_decode_shape<decltype(token_tiles)::value, decltype(grouped)::value>(
-        p, max_row_blocks, programmatic, stream);
-  };
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;
-  const bool one_tile = p.m <= 8;
-  if (p.groups == 1) {
-    return one_tile ? launch(One{}, std::false_type{}) : launch(Two{}, std::false_type{});
-  }
-  return one_tile ? launch(One{}, std::true_type{}) : launch(Two{}, std::true_type{});
+  const auto launch = [&](auto token_tiles, auto row_groups) {
+    constexpr int kTokenTiles = decltype(token_tiles)::value, kRowGroups = decltype(row_groups)::value;
+    return p.groups == 1
+               ? launch_gemm_decode_shape<kTokenTiles, kRowGroups, false>(p, max_row_blocks,
+                                                                          programmatic, stream)
+               : launch_gemm_decode_shape<kTokenTiles, kRowGroups, true>(p, max_row_blocks,
+                                                                         programmatic, stream);
+  };
+  if (p.m <= 8) return launch(One{}, One{});
+  const int wide_tiles = (p.n + 2 * decode::kRows - 1) / (2 * decode::kRows);
+  return max_row_blocks > 0 && wide_tiles >= 2 * max_row_blocks ? launch(Two{}, Two{})
+                                                                 : launch(Two{}, One{});
 }
 
 }  // namespace apex4::cuda

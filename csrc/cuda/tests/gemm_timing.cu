@@ -12,7 +12,7 @@
 //     -gencode=arch=compute_90a,code=sm_90a csrc/cuda/tests/gemm_timing.cu \
 //     csrc/cuda/gemm_wgmma.cu csrc/cuda/gemm_tiled_int8.cu csrc/cuda/gemm_decode.cu \
 //     csrc/cuda/quantize.cu -o build/gemm_timing
-//   build/gemm_timing [splitk|grouped|wide|decode]...   (default: all)
+//   build/gemm_timing [splitk|grouped|wide|decode|rows]...   (default: all)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/gemm_decode.cuh"
 #include "cuda/gemm_wgmma.cuh"
 #include "cuda/launch.h"
 
@@ -247,7 +248,7 @@ void wide(int sms) {
 
 // The decode kernel for a few tokens against mma.sync (the reference);
 // GB/s is the bandwidth the shape needs at the measured time.
-void decode(int) {
+void decode_vs_mma(int) {
   std::printf("== decode kernel, M <= 16\n");
   for (const auto& s : kShapes) {
     for (int m : {1, 16}) {
@@ -265,6 +266,34 @@ void decode(int) {
   }
 }
 
+// The decode kernel at M = 16 with its tile forced to one row group (16
+// rows) and to two (32), on a grid of 2 blocks per SM, at N from less than a
+// 32-row tile per block to several (the 7B and 70B layers, fused q/k/v and
+// gate/up among them): the data behind launch_gemm_decode_for's choice.
+void rows(int sms) {
+  std::printf("== decode kernel, M = 16: 16-row against 32-row tiles\n");
+  const int shapes[][2] = {{4096, 4096},  {4096, 11008}, {4096, 12288}, {4096, 22016},
+                           {8192, 8192},  {8192, 10240}, {8192, 28672}, {8192, 57344}};
+  for (const auto& s : shapes) {
+    for (int len : {0, 128}) {
+      Problem pr = make_problem(16, s[1], s[0], len == 0 ? 1 : s[0] / len);
+      const GemmParams p = pr.params();
+      const std::string label = len == 0 ? " pc" : " g128";
+      const auto forced = [=](auto row_groups) {
+        constexpr int kRowGroups = decltype(row_groups)::value;
+        const auto launch = len == 0 ? launch_gemm_decode_shape<2, kRowGroups, false>
+                                     : launch_gemm_decode_shape<2, kRowGroups, true>;
+        return [=] { CUDA_OK(launch(p, 2 * sms, false, nullptr)); };
+      };
+      run_variants(pr,
+                   {{"rows16" + label, forced(std::integral_constant<int, 1>{})},
+                    {"rows32" + label, forced(std::integral_constant<int, 2>{})}},
+                   len == 0);
+      free_problem(pr);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -276,12 +305,13 @@ int main(int argc, char** argv) {
   std::printf("%s, %d SMs\n", prop.name, sms);
   CUDA_OK(cudaMalloc(&g_flush, kFlushBytes));
   std::vector<std::string> parts(argv + 1, argv + argc);
-  if (parts.empty()) parts = {"splitk", "grouped", "wide", "decode"};
+  if (parts.empty()) parts = {"splitk", "grouped", "wide", "decode", "rows"};
   for (const std::string& part : parts) {
     if (part == "splitk") splitk(sms);
     if (part == "grouped") grouped(sms);
     if (part == "wide") wide(sms);
-    if (part == "decode") decode(sms);
+    if (part == "decode") decode_vs_mma(sms);
+    if (part == "rows") rows(sms);
   }
   std::printf("%d mismatches\n", g_failures);
   return g_failures == 0 ? 0 : 1;

@@ -392,6 +392,14 @@ int main() {
     std::printf("gemm %s\n", path.name);
     for (const GemmCase& c : cases) test_gemm(path.name, path.launch, c, rng);
   }
+  // 9..16 tokens and N with two 32-row tiles for each of 2 blocks per SM (up
+  // to 148 SMs): the decode kernel's two-row-group tiles, with N, K (a short
+  // last stage) and token tails, some blocks walking one tile more, groups of
+  // 128 and 192 (a group across a warp's chunks).
+  for (const GemmCase& c : {GemmCase{16, 19000, 2112, 1}, GemmCase{9, 20000, 3072, 24},
+                            GemmCase{12, 19500, 1152, 6}}) {
+    test_gemm("decode", apex4::cuda::launch_gemm_decode, c, rng);
+  }
   std::printf("linear decode\n");
   for (int64_t group : {0, 64, 128}) {
     for (int m : {1, 3, 8, 9, 16}) {
