@@ -23,7 +23,11 @@ JSON.
 
 --compare-paths adds w4a4_gemm columns with APEX4_GEMM_PATH forced to each
 path (e.g. sm90mma), to compare kernels in one run; --quant-gemm adds
-quantize_act + w4a4_gemm (what w4a4_linear costs unfused).
+quantize_act + w4a4_gemm (what w4a4_linear costs unfused). With --cuda-graph
+a "copy" column times a device copy that moves as many bytes as the per
+channel W4A4 GEMM must (half read, half written): the copy rate at the
+layer's size, which small layers cannot reach the probe's large-copy rate
+at either.
 """
 import argparse
 import json
@@ -139,6 +143,28 @@ def fp8_case(m, k, n):
     return run
 
 
+def must_move_bytes(m, n, k, group_size):
+    """Bytes a W4A4 GEMM must move: the packed weight and its scales, the
+    packed activations and theirs, the fp16 output (K padded as packed)."""
+    groups = 1 if group_size is None else -(-k // group_size)
+    kp = -(-k // 64) * 64 if group_size is None else groups * group_size
+    return n * kp // 2 + 4 * n * groups + m * kp // 2 + 4 * m * groups + 2 * m * n
+
+
+def copy_case(shape, dtype):
+    """y.copy_(x) on rotated copies: the copy rate at this size."""
+    def make():
+        x = (torch.randn(shape, device="cuda").to(dtype) if dtype.is_floating_point
+             else torch.randint(1, 100, shape, device="cuda").to(dtype))
+        return x, torch.empty_like(x)
+    operands = rotating(make)
+
+    def run():
+        x, y = operands()
+        return y.copy_(x)
+    return run
+
+
 def apex4_cases(m, k, n, group_size):
     """(w4a4_linear, w4a4_gemm, quantize_act + w4a4_gemm) for one granularity."""
     def make():
@@ -234,6 +260,9 @@ def run(shapes, tokens, granularities, compare_paths, quant_gemm, cuda_graph, cl
             print(f"{name} K={k} N={n} M={m}", file=sys.stderr)
             cases = [("fp16", None, fp16_case(m, k, n)), ("int8", None, int8_case(m, k, n)),
                      ("fp8", None, fp8_case(m, k, n))]
+            if cuda_graph:  # a copy reading and writing half the per-channel GEMM's bytes each
+                cases.append(("copy", None, copy_case((must_move_bytes(m, n, k, None) // 2,),
+                                                      torch.uint8)))
             for g in granularities:
                 linear, gemm, quantize_and_gemm = apex4_cases(m, k, n, g)
                 cases += [("apex4 linear", granularity_name(g), linear),
@@ -245,8 +274,9 @@ def run(shapes, tokens, granularities, compare_paths, quant_gemm, cuda_graph, cl
             row = []
             for method, granularity, fn in cases:
                 us = measure(fn, cuda_graph, clear_l2)
+                tops = None if us is None or method == "copy" else 2 * m * n * k / us / 1e6
                 row.append(dict(shape=name, k=k, n=n, m=m, method=method, granularity=granularity,
-                                median_us=us, tops=None if us is None else 2 * m * n * k / us / 1e6))
+                                median_us=us, tops=tops))
             fp16_us = row[0]["median_us"]
             for r in row:
                 r["speedup_vs_fp16"] = (None if r["median_us"] is None or fp16_us is None

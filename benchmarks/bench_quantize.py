@@ -13,7 +13,7 @@ import sys
 import torch
 
 import torch_apex4  # noqa: F401  (registers the ops)
-from bench_gemm import median_us, rotating
+from bench_gemm import copy_case, median_us, rotating
 
 ops = torch.ops.apex4
 
@@ -21,18 +21,6 @@ ops = torch.ops.apex4
 def quantize_case(m, k, dtype, group_size):
     operands = rotating(lambda: (torch.randn(m, k, dtype=dtype, device="cuda"),))
     return lambda: ops.quantize_act(operands()[0], group_size)
-
-
-def copy_case(m, k, dtype):
-    def make():
-        return torch.randn(m, k, dtype=dtype, device="cuda"), torch.empty(m, k, dtype=dtype,
-                                                                            device="cuda")
-    operands = rotating(make)
-
-    def run():
-        x, y = operands()
-        return y.copy_(x)
-    return run
 
 
 def main():
@@ -54,7 +42,7 @@ def main():
             for name in args.dtypes:
                 dtype = getattr(torch, name)
                 x_bytes = m * k * dtype.itemsize
-                copy_us = median_us(copy_case(m, k, dtype))
+                copy_us = median_us(copy_case((m, k), dtype))
                 for g in args.granularities:
                     group_size = None if g == "none" else int(g)
                     groups = 1 if group_size is None else -(-k // group_size)

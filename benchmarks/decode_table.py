@@ -1,8 +1,9 @@
 """The decode table of docs/performance.md from a bench_gemm.py JSON of the
 decode cells (--tokens 1 16 --cuda-graph): per shape and M the FP16, FP8 and
-apex4 w4a4_gemm times, apex4's speed-up over FP16 and FP8, and the share of
-the copy rate it reaches counting the bytes that must move (packed weight,
-its scales, the packed activations and theirs, the fp16 output).
+apex4 w4a4_gemm times, apex4's speed-up over FP16 and FP8, and the rate at
+which it moves the bytes it must (bench_gemm.must_move_bytes) as a share of
+the probe's copy rate and, where the JSON has the "copy" column, of a copy
+of the same bytes timed in the same run.
 
     python benchmarks/decode_table.py RESULTS.json --probe-json PROBE.json
         [--granularity per-channel]
@@ -10,11 +11,7 @@ its scales, the packed activations and theirs, the fp16 output).
 import argparse
 import json
 
-
-def must_move_bytes(m, n, k, group_size):
-    groups = 1 if group_size is None else -(-k // group_size)
-    kp = -(-k // 64) * 64 if group_size is None else groups * group_size
-    return n * kp // 2 + 4 * n * groups + m * kp // 2 + 4 * m * groups + 2 * m * n
+from bench_gemm import must_move_bytes
 
 
 def rows(records, granularity, copy_tbs):
@@ -27,11 +24,15 @@ def rows(records, granularity, copy_tbs):
         fp16, fp8 = c.get(("fp16", None)), c.get(("fp8", None))
         gemm = c.get(("apex4 gemm", granularity))
         linear = c.get(("apex4 linear", granularity))
+        copy = c.get(("copy", None))
         if None in (fp16, fp8, gemm):
             continue
-        copy_share = must_move_bytes(m, n, k, group_size) / (gemm * 1e-6) / (copy_tbs * 1e12)
-        yield (f"{shape.split()[0]} {k}->{n}", m, fp16, fp8, gemm, fp16 / gemm, fp8 / gemm,
-               100 * copy_share, None if linear is None else fp16 / linear)
+        rate = must_move_bytes(m, n, k, group_size) / (gemm * 1e-6)
+        copy_rate = None if copy is None else 2 * (must_move_bytes(m, n, k, None) // 2) / (copy * 1e-6)
+        yield dict(shape=f"{shape.split()[0]} {k}->{n}", m=m, fp16=fp16, fp8=fp8, gemm=gemm,
+                   x_fp16=fp16 / gemm, x_fp8=fp8 / gemm, of_probe=100 * rate / (copy_tbs * 1e12),
+                   copy=copy, of_copy=None if copy is None else 100 * rate / copy_rate,
+                   linear_x_fp16=None if linear is None else fp16 / linear)
 
 
 def main():
@@ -44,14 +45,21 @@ def main():
         records = json.load(f)["records"]
     with open(args.probe_json) as f:
         copy_tbs = json.load(f)["probe"]["bandwidth_tbs"]
-    print(f"| shape | M | FP16 us | FP8 us | apex4 gemm {args.granularity} us | x FP16 | x FP8 "
-          f"| % of copy rate ({copy_tbs:.2f} TB/s) | w4a4_linear x FP16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for shape, m, fp16, fp8, gemm, x16, x8, share, lin in rows(records, args.granularity,
-                                                                copy_tbs):
-        lin_s = "-" if lin is None else f"{lin:.2f}"
-        print(f"| {shape} | {m} | {fp16:.1f} | {fp8:.1f} | {gemm:.1f} | {x16:.2f} | {x8:.2f} "
-              f"| {share:.0f} | {lin_s} |")
+    table = list(rows(records, args.granularity, copy_tbs))
+    with_copy = any(r["copy"] is not None for r in table)
+    head = (f"| shape | M | FP16 us | FP8 us | apex4 gemm {args.granularity} us | x FP16 | x FP8 "
+            f"| % of copy rate ({copy_tbs:.2f} TB/s) |")
+    if with_copy:
+        head += " same-bytes copy us | % of its rate |"
+    print(head + " w4a4_linear x FP16 |")
+    print("|---" * (9 + 2 * with_copy) + "|")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in table:
+        line = (f"| {r['shape']} | {r['m']} | {r['fp16']:.1f} | {r['fp8']:.1f} | {r['gemm']:.1f} "
+                f"| {r['x_fp16']:.2f} | {r['x_fp8']:.2f} | {r['of_probe']:.0f} |")
+        if with_copy:
+            line += f" {fmt(r['copy'], '.1f')} | {fmt(r['of_copy'], '.0f')} |"
+        print(line + f" {fmt(r['linear_x_fp16'], '.2f')} |")
 
 
 if __name__ == "__main__":

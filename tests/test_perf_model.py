@@ -313,6 +313,22 @@ def test_cost_model_check_passes_on_the_stored_grid(capsys):
     assert "error per method" in out
 
 
+def test_decode_table_reproduces_the_stored_decode_grid():
+    # The table of 2026-12-07b was worked out by hand from the same JSON (the
+    # probe's 3.02 TB/s); the script must agree with it.
+    script = os.path.join(ROOT, "benchmarks", "decode_table.py")
+    out = subprocess.run(
+        [sys.executable, script,
+         os.path.join(ROOT, "benchmarks", "results", "2026-12-07b", "h100_bench_decode_graph.json"),
+         "--probe-json", os.path.join(ROOT, "benchmarks", "results", "2026-12-07", "h100_probe.json")],
+        capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=ROOT)).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines()[2:]]
+    assert len(rows) == 12
+    first, last = [c.strip() for c in rows[0]], [c.strip() for c in rows[-1]]
+    assert first[:8] == ["7B 4096->4096", "1", "16.8", "16.0", "8.2", "2.05", "1.96", "34"]
+    assert last[:8] == ["70B 28672->8192", "16", "157.6", "118.1", "66.2", "2.38", "1.79", "59"]
+
+
 def test_cli_rho_and_plan():
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-m", "torch_apex4", "rho"], capture_output=True,
