@@ -82,16 +82,23 @@ def median_us(fn):
         do_bench = None
     if do_bench is not None:
         return min(do_bench(fn, warmup=10, rep=40, return_mode="median") for _ in range(2)) * 1e3
-    for _ in range(5):
+    return event_median_us(fn, warmup=5, intervals=100)
+
+
+def event_median_us(fn, warmup, intervals, calls=1):
+    """Median over `intervals` of `calls` calls of fn run back to back
+    between two CUDA events, in microseconds per call."""
+    for _ in range(warmup):
         fn()
     times = []
-    for _ in range(100):
+    for _ in range(intervals):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / calls)
     return statistics.median(times)
 
 
@@ -221,23 +228,6 @@ def graph_replay(fn):
     return graph.replay
 
 
-def back_to_back_us(replay):
-    """Median over 10 intervals of GRAPH_REPLAYS replays run back to back
-    between two CUDA events, in microseconds per replay."""
-    for _ in range(3):
-        replay()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(GRAPH_REPLAYS):
-            replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / GRAPH_REPLAYS)
-    return statistics.median(times)
-
-
 def measure(fn, cuda_graph, clear_l2=False):
     """Median microseconds per call, or None where the baseline does not
     support the shape (e.g. torch._int_mm needs M > 16)."""
@@ -250,7 +240,9 @@ def measure(fn, cuda_graph, clear_l2=False):
     if not cuda_graph:
         return median_us(fn)
     replay = graph_replay(fn)
-    return (median_us(replay) if clear_l2 else back_to_back_us(replay)) / GRAPH_CALLS
+    per_replay = (median_us(replay) if clear_l2
+                  else event_median_us(replay, warmup=3, intervals=10, calls=GRAPH_REPLAYS))
+    return per_replay / GRAPH_CALLS
 
 
 def run(shapes, tokens, granularities, compare_paths, quant_gemm, cuda_graph, clear_l2):
