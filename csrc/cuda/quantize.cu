@@ -29,20 +29,28 @@ inline unsigned elementwise_blocks(int64_t n, int threads) {
 cudaError_t launch_quantize(const void* x, FloatKind x_kind, int64_t rows, int64_t k, int64_t kp,
                             int64_t group_len, float clip_ratio, uint8_t* packed, float* scales,
                             cudaStream_t stream) {
+  // Programmatic on compute capability 9.0+: x's writer is most often the
+  // kernel right before (a norm, an activation), and the launch gap after it
+  // is a good part of a decode step's small kernels.
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  }
+  if (err != cudaSuccess) return err;
+  QuantizeLaunch how;
+  how.programmatic = major >= 9;
   switch (x_kind) {
     case FloatKind::kF16:
-      launch_quantize_typed(static_cast<const __half*>(x), rows, k, kp, group_len, clip_ratio,
-                            packed, scales, stream);
-      break;
+      return launch_quantize_typed(static_cast<const __half*>(x), rows, k, kp, group_len,
+                                   clip_ratio, packed, scales, how, stream);
     case FloatKind::kBF16:
-      launch_quantize_typed(static_cast<const __nv_bfloat16*>(x), rows, k, kp, group_len,
-                            clip_ratio, packed, scales, stream);
-      break;
+      return launch_quantize_typed(static_cast<const __nv_bfloat16*>(x), rows, k, kp, group_len,
+                                   clip_ratio, packed, scales, how, stream);
     default:
-      launch_quantize_typed(static_cast<const float*>(x), rows, k, kp, group_len, clip_ratio,
-                            packed, scales, stream);
+      return launch_quantize_typed(static_cast<const float*>(x), rows, k, kp, group_len,
+                                   clip_ratio, packed, scales, how, stream);
   }
-  return cudaSuccess;
 }
 
 cudaError_t launch_pack_int4(const int8_t* values, int64_t n_bytes, uint8_t* packed,

@@ -182,13 +182,32 @@ __device__ __forceinline__ uint32_t quantize_8(const V& v, float scale) {
 
 // Lets a GEMM launched as this grid's programmatic dependent (the decode
 // w4a4_linear) start: it streams its weights until it waits for this grid to
-// finish. Called once x's loads are issued, so that they are not queued
-// behind the weights.
+// finish.
 __device__ __forceinline__ void release_dependents() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
+
+// Waits until the grid this one was launched as a programmatic dependent of
+// (the kernel that wrote x) has finished and its writes are visible; returns
+// at once for a plain launch.
+__device__ __forceinline__ void wait_for_prerequisite() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// How launch_quantize_typed launches the quantize kernel. programmatic: as a
+// programmatic dependent of the kernel before it on the stream (compute
+// capability 9.0+), so that its launch overlaps that kernel's end; it waits
+// for it before reading x. release_first: its own dependent may start before
+// it waits, else once x's loads are issued (so that they are not queued
+// behind the dependent's weight loads).
+struct QuantizeLaunch {
+  bool programmatic = false;
+  bool release_first = false;
+};
 
 // One row (blockIdx.x) of x [rows, k] into packed [rows, kp/2] and scales
 // [rows, groups]; the block's kVecs * blockDim.x vectors form a chunk, and
@@ -196,7 +215,7 @@ __device__ __forceinline__ void release_dependents() {
 template <typename T, bool kVectorLoads, bool kClamp, int kVecs>
 __global__ void __launch_bounds__(kQuantizeMaxThreads)
     quantize_kernel(const T* x, int64_t k, int kp, int group_len, float clip_ratio,
-                    uint8_t* packed, float* scales) {
+                    uint8_t* packed, float* scales, bool release_first) {
   extern __shared__ uint32_t group_bits[];  // per group: amax bits, then scale bits
   const int groups = kp / group_len;
   const int vecs = kp / 8;
@@ -207,6 +226,8 @@ __global__ void __launch_bounds__(kQuantizeMaxThreads)
   float* row_scales = scales + row * groups;
   const int lane = threadIdx.x % 32;
   Vec8<T> v[kVecs];
+  if (release_first) release_dependents();
+  wait_for_prerequisite();
   auto load_chunk = [&](int c0) {
 #pragma unroll
     for (int j = 0; j < kVecs; ++j) {
@@ -222,7 +243,7 @@ __global__ void __launch_bounds__(kQuantizeMaxThreads)
     const int lane_shift = __ffs(lanes) - 1;  // vec >> lane_shift: its group
     for (int c0 = 0; c0 < vecs; c0 += chunk) {
       load_chunk(c0);
-      if (c0 == 0) release_dependents();
+      if (c0 == 0 && !release_first) release_dependents();
 #pragma unroll
       for (int j = 0; j < kVecs; ++j) {
         const int vec = c0 + j * blockDim.x + threadIdx.x;
@@ -243,7 +264,7 @@ __global__ void __launch_bounds__(kQuantizeMaxThreads)
   const bool one_pass = vecs <= chunk;
   for (int c0 = 0; c0 < vecs; c0 += chunk) {
     load_chunk(c0);
-    if (c0 == 0) release_dependents();
+    if (c0 == 0 && !release_first) release_dependents();
     if (groups == 1) {  // per channel: one atomic per warp
       uint32_t bits = 0;
 #pragma unroll
@@ -336,8 +357,9 @@ __device__ void quantize_rows_in_block(const T* x, int64_t k, int kp, int group_
 }
 
 template <typename T>
-void launch_quantize_typed(const T* x, int64_t rows, int64_t k, int64_t kp, int64_t group_len,
-                           float clip_ratio, uint8_t* packed, float* scales, cudaStream_t stream) {
+cudaError_t launch_quantize_typed(const T* x, int64_t rows, int64_t k, int64_t kp,
+                                  int64_t group_len, float clip_ratio, uint8_t* packed,
+                                  float* scales, QuantizeLaunch how, cudaStream_t stream) {
   const bool vector_loads = k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   // Enough warps for a row's vectors (one chunk), at most kQuantizeMaxThreads.
   const bool long_rows = sizeof(T) == 2 && vector_loads && kp / 8 > kLongRowVecs;
@@ -356,8 +378,19 @@ void launch_quantize_typed(const T* x, int64_t rows, int64_t k, int64_t kp, int6
                              : quantize_kernel<T, true, false, kLong>)
                     : (clamp ? quantize_kernel<T, true, true, kVecsPerThread>
                              : quantize_kernel<T, true, false, kVecsPerThread>);
-  kernel<<<static_cast<unsigned>(rows), threads, smem, stream>>>(
-      x, k, static_cast<int>(kp), static_cast<int>(group_len), clip_ratio, packed, scales);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(rows));
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = how.programmatic ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, x, k, static_cast<int>(kp),
+                            static_cast<int>(group_len), clip_ratio, packed, scales,
+                            how.release_first);
 }
 
 }  // namespace apex4::cuda

@@ -395,9 +395,11 @@ int main() {
   // 9..16 tokens and N with two 32-row tiles for each of 2 blocks per SM (up
   // to 148 SMs): the decode kernel's two-row-group tiles, with N, K (a short
   // last stage) and token tails, some blocks walking one tile more, groups of
-  // 128 and 192 (a group across a warp's chunks).
+  // 128 and 192 (a group across a warp's chunks); the last two with K too
+  // long for resident token rows beside two 32-row stages.
   for (const GemmCase& c : {GemmCase{16, 19000, 2112, 1}, GemmCase{9, 20000, 3072, 24},
-                            GemmCase{12, 19500, 1152, 6}}) {
+                            GemmCase{12, 19500, 1152, 6}, GemmCase{16, 19000, 5120, 1},
+                            GemmCase{14, 19500, 6144, 48}}) {
     test_gemm("decode", apex4::cuda::launch_gemm_decode, c, rng);
   }
   std::printf("linear decode\n");
