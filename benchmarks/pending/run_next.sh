@@ -6,21 +6,23 @@
 #    its GEMM before it waits, in a graph of 8 7B-shaped layers' decode
 #    linears;
 #  * `gemm_timing decode`, landed kernel (build/next2) against the
-#    resident-token candidate (resident_tokens.patch, build/cand), twice each;
+#    resident-token candidate (resident_tokens.patch, build/cand) and a probe
+#    with 2 KB ring stages (stage_2k_probe.patch, build/probe2k: M = 1 cells
+#    only; its M = 16 ring is starved by design), twice each;
 #  * kernel_test of the candidate and of the landed tree, `gemm_timing rows`
 #    (16- against 32-row tiles at M = 16, 8 shapes) of both;
 #  * unless SHORT=1: the decode grid under CUDA graphs (with the copy column),
 #    then the end to end (per channel) if 240 s of LIMIT are left, else the
 #    CUDA tests.
 #   run(command="LIMIT=540 bash benchmarks/pending/run_next.sh", timeout_s=570,
-#       carry=["build/next2", "build/cand"])
+#       carry=["build/next2", "build/cand", "build/probe2k"])
 # Prebuild here to save ~2 min there: `BUILD_ONLY=1 bash benchmarks/pending/run_next.sh`.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export CXX=/usr/bin/g++ PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 LIMIT=${LIMIT:-540}
-B=build/next2 C=build/cand
+B=build/next2 C=build/cand P=build/probe2k
 NV="nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a"
 build_tools() {  # $1: folder, then -I flags
   local dir=$1; shift
@@ -31,12 +33,18 @@ build_tools() {  # $1: folder, then -I flags
     csrc/cuda/gemm_tiled_int8.cu csrc/cuda/gemm_decode.cu csrc/cuda/quantize.cu \
     -o "$dir/gemm_timing" &
 }
-if [[ ! -f $C/cuda/gemm_decode.cuh ]]; then
-  mkdir -p $C/cuda && cp csrc/cuda/gemm_decode.cuh $C/cuda/ \
-    && (cd $C && patch -s -p2 < ../../benchmarks/pending/resident_tokens.patch) || exit 1
-fi
+# A candidate: the tree's gemm_decode.cuh with a patch, in its own folder,
+# found ahead of csrc by -I.
+build_candidate() {  # $1: folder, $2: patch
+  if [[ ! -f $1/cuda/gemm_decode.cuh ]]; then
+    mkdir -p "$1/cuda" && cp csrc/cuda/gemm_decode.cuh "$1/cuda/" \
+      && patch -s -p2 -d "$1" < "$2" || exit 1
+  fi
+  build_tools "$1" -I"$1" -Icsrc/include -Icsrc
+}
 build_tools $B -Icsrc/include -Icsrc
-build_tools $C -I$C -Icsrc/include -Icsrc
+build_candidate $C benchmarks/pending/resident_tokens.patch
+build_candidate $P benchmarks/pending/stage_2k_probe.patch
 wait
 [[ ${BUILD_ONLY:-0} == 1 ]] && exit 0
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total --format=csv,noheader
@@ -46,8 +54,9 @@ if [[ ${SHORT:-0} != 1 ]]; then
 fi
 T="$OUT/gemm_timing.txt"
 for run in "$B gemm_timing chain" "$B gemm_timing decode" "$C gemm_timing decode" \
-           "$C kernel_test" "$B gemm_timing decode" "$C gemm_timing decode" \
-           "$C gemm_timing rows" "$B kernel_test" "$B gemm_timing rows"; do
+           "$P gemm_timing decode" "$C kernel_test" "$B gemm_timing decode" \
+           "$C gemm_timing decode" "$P gemm_timing decode" "$C gemm_timing rows" \
+           "$B kernel_test" "$B gemm_timing rows"; do
   set -- $run
   if [[ $2 == kernel_test ]]; then
     log="$OUT/kernel_test_$([[ $1 == "$C" ]] && echo cand || echo base).log"
