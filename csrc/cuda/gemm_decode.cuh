@@ -242,9 +242,7 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
   // Weights first; the activations (and their scales) only once the grid
   // that writes them (if launched as its dependent) has finished.
   for (int i = 0; i < stages; ++i) ring.fill_weights(i);
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+  wait_for_prerequisite();
   for (int i = 0; i < stages; ++i) ring.fill_tokens(i);
 
   bool a_ok[kTokenTiles];
@@ -440,17 +438,9 @@ cudaError_t launch_gemm_decode_shape(const GemmParams& p, int max_row_blocks, bo
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem_bytes));
   if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(row_blocks, (p.m + kTokens - 1) / kTokens);
-  config.blockDim = dim3(decode::kThreads);
-  config.dynamicSmemBytes = smem_bytes;
-  config.stream = stream;
-  cudaLaunchAttribute attribute = {};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = programmatic ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, p, static_cast<int>(stages));
+  return launch_kernel(kernel, dim3(row_blocks, (p.m + kTokens - 1) / kTokens),
+                       dim3(decode::kThreads), smem_bytes, stream, programmatic, p,
+                       static_cast<int>(stages));
 }
 
 // Token tiles, row groups and per-group variant of p. Two row groups a tile

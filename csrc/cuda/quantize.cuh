@@ -180,24 +180,6 @@ __device__ __forceinline__ uint32_t quantize_8(const V& v, float scale) {
   return word;
 }
 
-// Lets a GEMM launched as this grid's programmatic dependent (the decode
-// w4a4_linear) start: it streams its weights until it waits for this grid to
-// finish.
-__device__ __forceinline__ void release_dependents() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-// Waits until the grid this one was launched as a programmatic dependent of
-// (the kernel that wrote x) has finished and its writes are visible; returns
-// at once for a plain launch.
-__device__ __forceinline__ void wait_for_prerequisite() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
 // How launch_quantize_typed launches the quantize kernel. programmatic: as a
 // programmatic dependent of the kernel before it on the stream (compute
 // capability 9.0+), so that its launch overlaps that kernel's end; it waits
@@ -378,19 +360,11 @@ cudaError_t launch_quantize_typed(const T* x, int64_t rows, int64_t k, int64_t k
                              : quantize_kernel<T, true, false, kLong>)
                     : (clamp ? quantize_kernel<T, true, true, kVecsPerThread>
                              : quantize_kernel<T, true, false, kVecsPerThread>);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(rows));
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute = {};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = how.programmatic ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, x, k, static_cast<int>(kp),
-                            static_cast<int>(group_len), clip_ratio, packed, scales,
-                            how.release_first);
+  // The dependent GEMM of the decode w4a4_linear streams its weights once
+  // released, until it waits for this grid.
+  return launch_kernel(kernel, dim3(static_cast<unsigned>(rows)), dim3(threads), smem, stream,
+                       how.programmatic, x, k, static_cast<int>(kp), static_cast<int>(group_len),
+                       clip_ratio, packed, scales, how.release_first);
 }
 
 }  // namespace apex4::cuda
