@@ -4,15 +4,16 @@
 // tokens its B operand (8 tokens = the MMA's N), so a 16-token step wastes no
 // MMA rows. A block owns row tiles of one or two such 16-row groups and all
 // of K. The weights and the block's activation rows stream through a ring of
-// shared-memory stages (1 KB of K of each row): on Hopper warp 0 fills a
+// shared-memory stages (1 or 2 KB of K of each row): on Hopper warp 0 fills a
 // stage with one bulk copy (cp.async.bulk) per row, completing on the stage's
 // mbarrier, elsewhere all threads with cp.async; the ring keeps several
 // stages -- tens of KB per block, up to the whole weight of small layers --
 // in flight, and runs on into the block's next row tile. The warps split a
-// stage's row groups and its 32 chunks of 64 values (with one row group each
-// warp multiplies 4 chunks, with two 8 of one group), from shared memory into
-// MMA fragments; rows are stored 1056 bytes apart so that the 8-byte fragment
-// loads of 8 rows hit distinct banks. The warps' partial sums are reduced in
+// stage's row groups and its 32 or 64 chunks of 64 values (with a 1 KB stage
+// and one row group each warp multiplies 4 chunks, with two 8 of one group),
+// from shared memory into MMA fragments; rows are stored 32 bytes more than
+// a stage apart so that the 8-byte fragment loads of 8 rows hit distinct
+// banks. The warps' partial sums are reduced in
 // shared memory in warp order, so the result is deterministic. Per channel
 // the partials are int32 and the reduction is exact; per group each warp
 // scales its partials at every group end (or stage end, for groups longer
@@ -20,8 +21,8 @@
 //
 // Two row groups a tile: the token rows of a stage are read from L2 once per
 // row tile, so with 9..16 tokens and 16-row tiles the L2 carries twice the
-// weight bytes; 32-row tiles make it 1.5 times. They are taken where N gives
-// every block of the grid at least two of them (launch_gemm_decode_for).
+// weight bytes; 32-row tiles make it 1.5 times. launch_gemm_decode_for takes
+// them, and 2 KB stages, where they pay.
 //
 // With GemmParams::prefetch set (the next layer's weight), each block asks L2
 // for its share of those bytes once its own last weight copy is issued, so
@@ -52,20 +53,23 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 16;  // weight rows of a row group: the MMA's M
 constexpr int kChunkBytes = 32;  // 64 values: one k64 step
-constexpr int kStageBytes = 1024;  // of each weight row per ring stage
-constexpr int kStageChunks = kStageBytes / kChunkBytes;
-// Row pitch in a stage: 32 bytes past a multiple of 128, so the 8-byte loads
-// of rows g = 0..7 (bytes 8t..8t+7 of one chunk) fill 32 banks twice over.
-constexpr int kRowPitch = kStageBytes + 32;
 constexpr int kMaxStages = 6;
-static_assert(kStageChunks % kWarps == 0, "a stage's chunks split evenly over the warps");
-// The split of a stage over the warps, with kRowGroups row groups a tile.
-template <int kRowGroups>
+// Row pitch in a stage of stage_bytes of K: 32 bytes past a multiple of 128,
+// so the 8-byte loads of rows g = 0..7 (bytes 8t..8t+7 of one chunk) fill 32
+// banks twice over.
+constexpr int row_pitch(int stage_bytes) { return stage_bytes + 32; }
+// The split of a stage (kStageBytes of K of each row) over the warps, with
+// kRowGroups row groups a tile.
+template <int kRowGroups, int kStageBytes>
 struct Split {
   static_assert(kWarps % kRowGroups == 0, "the warps split evenly over the row groups");
+  static_assert(kStageBytes % 128 == 0, "stages keep the row pitch's bank offset");
   static constexpr int kTileRows = kRows * kRowGroups;
   static constexpr int kGroupWarps = kWarps / kRowGroups;  // warps of a row group
+  static constexpr int kStageChunks = kStageBytes / kChunkBytes;
+  static_assert(kStageChunks % kGroupWarps == 0, "a stage's chunks split evenly over the warps");
   static constexpr int kWarpChunks = kStageChunks / kGroupWarps;  // a warp's chunks of a stage
+  static constexpr int kRowPitch = row_pitch(kStageBytes);
 };
 }  // namespace decode
 
@@ -73,7 +77,9 @@ struct Split {
 // which the block's sequence of (row tile, K stage) items streams, each slot
 // holding a row tile's weight rows and then the block's token rows. Item i goes to slot
 // i % stages; its slot is refilled once every thread has consumed it.
+template <int kStageBytes>
 struct StageRing {
+  static constexpr int kRowPitch = decode::row_pitch(kStageBytes);
   uint8_t* smem;
   int stages, slot_bytes;
   int first_tile, tile_step, tiles;  // the block's row tiles
@@ -94,10 +100,10 @@ struct StageRing {
     return smem + (i % stages) * slot_bytes;
   }
   __device__ __forceinline__ int k_byte(int i) const {
-    return i % stages_per_tile * decode::kStageBytes;
+    return i % stages_per_tile * kStageBytes;
   }
   __device__ __forceinline__ int bytes(int i) const {
-    return min(decode::kStageBytes, row_bytes - k_byte(i));
+    return min(kStageBytes, row_bytes - k_byte(i));
   }
   // Copies `rows` rows of `bytes` from src (row_bytes apart) to dst (kRowPitch apart).
   __device__ __forceinline__ void copy_rows(uint8_t* dst, const uint8_t* src, int rows, int bytes,
@@ -108,7 +114,7 @@ struct StageRing {
       for (int r = threadIdx.x; r < rows; r += 32) {
         asm volatile(
             "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
-            " [%0], [%1], %2, [%3];\n" ::"r"(shared_addr(dst + r * decode::kRowPitch)),
+            " [%0], [%1], %2, [%3];\n" ::"r"(shared_addr(dst + r * kRowPitch)),
             "l"(src + static_cast<int64_t>(r) * row_bytes), "r"(bytes), "r"(bar)
             : "memory");
       }
@@ -117,7 +123,7 @@ struct StageRing {
     const int pieces = bytes / 16;
     for (int c = threadIdx.x; c < rows * pieces; c += decode::kThreads) {
       const int r = c / pieces, piece = c % pieces;
-      cp_async_16(shared_addr(dst + r * decode::kRowPitch + 16 * piece),
+      cp_async_16(shared_addr(dst + r * kRowPitch + 16 * piece),
                   src + static_cast<int64_t>(r) * row_bytes + 16 * piece, true);
     }
 #endif
@@ -154,7 +160,7 @@ struct StageRing {
   }
   __device__ __forceinline__ void fill_tokens(int i) const {
     if (i >= items()) return;
-    copy_rows(slot(i) + tile_rows * decode::kRowPitch, a + k_byte(i), tokens, bytes(i), i);
+    copy_rows(slot(i) + tile_rows * kRowPitch, a + k_byte(i), tokens, bytes(i), i);
   }
   // Called by every thread after its last read of item i's slot, which then
   // takes item i + stages. On Hopper each warp arrives on the slot's empty
@@ -184,18 +190,12 @@ struct StageRing {
   }
 };
 
-// Shared memory of a ring slot for row tiles of `tile_rows` and a block of
-// `tokens` tokens (at most).
-constexpr int decode_slot_bytes(int tile_rows, int tokens) {
-  return (tile_rows + tokens) * decode::kRowPitch;
-}
-
-template <int kTokenTiles, int kRowGroups, bool kGrouped>
+template <int kTokenTiles, int kRowGroups, int kStageBytes, bool kGrouped>
 __global__ void __launch_bounds__(decode::kThreads, 2)
     gemm_decode_kernel(const GemmParams p, int stages) {
   using Mma = Int8Mma;
   using Partial = std::conditional_t<kGrouped, float, int>;
-  using Split = decode::Split<kRowGroups>;
+  using Split = decode::Split<kRowGroups, kStageBytes>;
   __shared__ Partial partials[Split::kGroupWarps][kRowGroups][kTokenTiles][4][32];
   extern __shared__ __align__(128) uint8_t smem[];
 
@@ -209,16 +209,16 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
   const int chunks = p.kp / 64;
   const int steps_per_group = p.kp / p.groups / 64;
 
-  StageRing ring;
+  StageRing<kStageBytes> ring;
   ring.smem = smem;
   ring.stages = stages;
-  ring.slot_bytes = decode_slot_bytes(Split::kTileRows, min(p.m, 8 * kTokenTiles));
+  ring.slot_bytes = (Split::kTileRows + min(p.m, 8 * kTokenTiles)) * Split::kRowPitch;
   ring.tile_rows = Split::kTileRows;
   ring.first_tile = blockIdx.x;
   ring.tile_step = gridDim.x;
   ring.tiles = (row_tiles - 1 - blockIdx.x) / gridDim.x + 1;
   ring.row_bytes = p.kp / 2;
-  ring.stages_per_tile = (ring.row_bytes + decode::kStageBytes - 1) / decode::kStageBytes;
+  ring.stages_per_tile = (ring.row_bytes + kStageBytes - 1) / kStageBytes;
   ring.n = p.n;
   ring.tokens = tokens;
   ring.w = p.w;
@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
 
     for (int s = 0; s < ring.stages_per_tile; ++s, ++item) {
       // This warp's chunks of the stage: c0 .. c_end - 1 (of K).
-      const int c0 = s * decode::kStageChunks + gw * Split::kWarpChunks;
+      const int c0 = s * Split::kStageChunks + gw * Split::kWarpChunks;
       const int c_end = min(chunks, c0 + Split::kWarpChunks);
       // Per group: where c0 sits in its group, so that the chunk loop finds the
       // group ends by counting (an integer division per chunk, ~35
@@ -340,7 +340,7 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           wv[h] = w_ok[h] ? *reinterpret_cast<const uint2*>(
-                                chunk + (rg * decode::kRows + g + 8 * h) * decode::kRowPitch)
+                                chunk + (rg * decode::kRows + g + 8 * h) * Split::kRowPitch)
                           : make_uint2(0, 0);
         }
         const uint32_t words[4] = {wv[0].x, wv[1].x, wv[0].y, wv[1].y};
@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
 #pragma unroll
         for (int tt = 0; tt < kTokenTiles; ++tt) {
           const uint2 av = a_ok[tt] ? *reinterpret_cast<const uint2*>(
-                                          chunk + (Split::kTileRows + tt * 8 + g) * decode::kRowPitch)
+                                          chunk + (Split::kTileRows + tt * 8 + g) * Split::kRowPitch)
                                     : make_uint2(0, 0);
           const typename Mma::B b = Mma::b_operand(av.x, av.y);
 #pragma unroll
@@ -403,68 +403,118 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
   }
 }
 
+// A launch's ring: a slot's bytes (a row tile's weight rows and the block's
+// token rows, kStageBytes of K each), the most (row tile, stage) items a block
+// walks, and the stages that fit two blocks per SM (each less its static
+// partials and the 1 KB the system keeps), at most kMaxStages and items.
+struct DecodeRing {
+  int slot_bytes;
+  int64_t items, stages;
+};
+inline DecodeRing decode_ring(const GemmParams& p, int row_blocks, int token_tiles, int row_groups,
+                              int stage_bytes, int smem_per_sm) {
+  const int tile_rows = decode::kRows * row_groups;
+  const int tokens = p.m < 8 * token_tiles ? p.m : 8 * token_tiles;
+  const int row_tiles = (p.n + tile_rows - 1) / tile_rows;
+  DecodeRing ring;
+  ring.slot_bytes = (tile_rows + tokens) * decode::row_pitch(stage_bytes);
+  ring.items = static_cast<int64_t>((row_tiles + row_blocks - 1) / row_blocks) *
+               ((p.kp / 2 + stage_bytes - 1) / stage_bytes);
+  const int64_t budget = smem_per_sm / 2 - 1024 -
+                         static_cast<int64_t>(sizeof(int)) * decode::kWarps * token_tiles * 128;
+  ring.stages = budget / ring.slot_bytes;
+  if (ring.stages > decode::kMaxStages) ring.stages = decode::kMaxStages;
+  if (ring.stages > ring.items) ring.stages = ring.items;
+  if (ring.stages < 1) ring.stages = 1;
+  return ring;
+}
+
+// Row blocks of the grid: one per row tile, at most max_row_blocks if > 0.
+inline int decode_row_blocks(int n, int tile_rows, int max_row_blocks) {
+  const int row_tiles = (n + tile_rows - 1) / tile_rows;
+  return max_row_blocks > 0 && row_tiles > max_row_blocks ? max_row_blocks : row_tiles;
+}
+
+inline cudaError_t decode_smem_per_sm(int* bytes) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  return cudaDeviceGetAttribute(bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+}
+
 // Grid: one block per row tile (fewer, each walking several, with
-// max_row_blocks > 0) and per 8 * kTokenTiles tokens. The ring gets as many
-// stages as a block has items, at most kMaxStages and what fits two blocks
-// per SM. programmatic: launched as a programmatic dependent of the kernel
-// before it on the stream (compute capability 9.0+).
-template <int kTokenTiles, int kRowGroups, bool kGrouped>
+// max_row_blocks > 0) and per 8 * kTokenTiles tokens; the ring as
+// decode_ring sizes it. programmatic: launched as a programmatic dependent of
+// the kernel before it on the stream (compute capability 9.0+).
+template <int kTokenTiles, int kRowGroups, int kStageBytes, bool kGrouped>
 cudaError_t launch_gemm_decode_shape(const GemmParams& p, int max_row_blocks, bool programmatic,
                                      cudaStream_t stream) {
   constexpr int kTokens = 8 * kTokenTiles;
-  constexpr int kTileRows = decode::Split<kRowGroups>::kTileRows;
-  const auto kernel = gemm_decode_kernel<kTokenTiles, kRowGroups, kGrouped>;
-  int device = 0, smem_per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-  }
+  const auto kernel = gemm_decode_kernel<kTokenTiles, kRowGroups, kStageBytes, kGrouped>;
+  int smem_per_sm = 0;
+  cudaError_t err = decode_smem_per_sm(&smem_per_sm);
   if (err != cudaSuccess) return err;
-  const int row_tiles = (p.n + kTileRows - 1) / kTileRows;
-  int row_blocks = row_tiles;
-  if (max_row_blocks > 0 && row_blocks > max_row_blocks) row_blocks = max_row_blocks;
-  const int stages_per_tile = (p.kp / 2 + decode::kStageBytes - 1) / decode::kStageBytes;
-  const int64_t items = static_cast<int64_t>((row_tiles + row_blocks - 1) / row_blocks) *
-                        stages_per_tile;
-  const int slot_bytes = decode_slot_bytes(kTileRows, p.m < kTokens ? p.m : kTokens);
-  // Per block: half the SM, less the static partials and 1 KB the system keeps.
-  const int64_t budget = smem_per_sm / 2 - 1024 -
-                         static_cast<int64_t>(sizeof(int)) * decode::kWarps * kTokenTiles * 128;
-  int64_t stages = budget / slot_bytes;
-  if (stages > decode::kMaxStages) stages = decode::kMaxStages;
-  if (stages > items) stages = items;
-  if (stages < 1) stages = 1;
-  const size_t smem_bytes = static_cast<size_t>(stages) * slot_bytes;
+  const int row_blocks = decode_row_blocks(p.n, decode::kRows * kRowGroups, max_row_blocks);
+  const DecodeRing ring =
+      decode_ring(p, row_blocks, kTokenTiles, kRowGroups, kStageBytes, smem_per_sm);
+  const size_t smem_bytes = static_cast<size_t>(ring.stages) * ring.slot_bytes;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem_bytes));
   if (err != cudaSuccess) return err;
   return launch_kernel(kernel, dim3(row_blocks, (p.m + kTokens - 1) / kTokens),
                        dim3(decode::kThreads), smem_bytes, stream, programmatic, p,
-                       static_cast<int>(stages));
+                       static_cast<int>(ring.stages));
 }
 
-// Token tiles, row groups and per-group variant of p. Two row groups a tile
-// only with two token tiles (where the token rows weigh in L2) and at least
-// two 32-row tiles for every block of a limited grid: with fewer, the blocks
-// that walk one more tile than the rest set the time (H100, M = 16: 0.91x the
-// 16-row tiles' time at N = 28672, 896 tiles for 264 blocks; 1.04x at N =
-// 11008, 344 tiles; benchmarks/NOTES.md v14).
+// Token tiles, row groups, stage size and per-group variant of p (H100
+// measurements in benchmarks/NOTES.md v14, v16):
+//  * two row groups a tile only with two token tiles (where the token rows
+//    weigh in L2) and a limited grid, where the busiest block's weight rows
+//    grow by at most 1/7 over 16-row tiles: 32-row tiles cut the L2 token
+//    reads from 2 to 1.5 times the weight bytes, worth that much imbalance
+//    (M = 16: 0.91x the 16-row time at N = 28672, 0.90x at 8192, 1.04x at
+//    12288, where they would add 1/3);
+//  * 2 KB stages where the ring still holds min(3, items) of them, else 1 KB:
+//    half the stage hand-offs (M = 1: 0.87x at 70B g128, 0.94x per channel)
+//    but, with 16 token rows, too few stages in flight (M = 16, K = 8192:
+//    1.09x).
 inline cudaError_t launch_gemm_decode_for(const GemmParams& p, int max_row_blocks,
                                           bool programmatic, cudaStream_t stream) {
+  int smem_per_sm = 0;
+  const cudaError_t err = decode_smem_per_sm(&smem_per_sm);
+  if (err != cudaSuccess) return err;
+  const int token_tiles = p.m <= 8 ? 1 : 2;
+  const auto busiest_rows = [&](int row_groups) {
+    const int tile_rows = decode::kRows * row_groups;
+    const int row_tiles = (p.n + tile_rows - 1) / tile_rows;
+    return static_cast<int64_t>(tile_rows) *
+           ((row_tiles + max_row_blocks - 1) / max_row_blocks);
+  };
+  const int row_groups =
+      token_tiles == 2 && max_row_blocks > 0 && 7 * busiest_rows(2) <= 8 * busiest_rows(1) ? 2 : 1;
+  const DecodeRing wide_stages =
+      decode_ring(p, decode_row_blocks(p.n, decode::kRows * row_groups, max_row_blocks),
+                  token_tiles, row_groups, 2048, smem_per_sm);
+  const bool wide = wide_stages.stages >= (wide_stages.items < 3 ? wide_stages.items : 3);
+
+  const auto launch = [&](auto token_tiles_c, auto row_groups_c, auto stage_bytes_c) {
+    constexpr int kTokenTiles = decltype(token_tiles_c)::value;
+    constexpr int kRowGroups = decltype(row_groups_c)::value;
+    constexpr int kStageBytes = decltype(stage_bytes_c)::value;
+    return p.groups == 1
+               ? launch_gemm_decode_shape<kTokenTiles, kRowGroups, kStageBytes, false>(
+                     p, max_row_blocks, programmatic, stream)
+               : launch_gemm_decode_shape<kTokenTiles, kRowGroups, kStageBytes, true>(
+                     p, max_row_blocks, programmatic, stream);
+  };
+  const auto with_stages = [&](auto token_tiles_c, auto row_groups_c) {
+    return wide ? launch(token_tiles_c, row_groups_c, std::integral_constant<int, 2048>{})
+                : launch(token_tiles_c, row_groups_c, std::integral_constant<int, 1024>{});
+  };
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;
-  const auto launch = [&](auto token_tiles, auto row_groups) {
-    constexpr int kTokenTiles = decltype(token_tiles)::value, kRowGroups = decltype(row_groups)::value;
-    return p.groups == 1
-               ? launch_gemm_decode_shape<kTokenTiles, kRowGroups, false>(p, max_row_blocks,
-                                                                          programmatic, stream)
-               : launch_gemm_decode_shape<kTokenTiles, kRowGroups, true>(p, max_row_blocks,
-                                                                         programmatic, stream);
-  };
-  if (p.m <= 8) return launch(One{}, One{});
-  const int wide_tiles = (p.n + 2 * decode::kRows - 1) / (2 * decode::kRows);
-  return max_row_blocks > 0 && wide_tiles >= 2 * max_row_blocks ? launch(Two{}, Two{})
-                                                                 : launch(Two{}, One{});
+  if (token_tiles == 1) return with_stages(One{}, One{});
+  return row_groups == 2 ? with_stages(Two{}, Two{}) : with_stages(Two{}, One{});
 }
 
 }  // namespace apex4::cuda

@@ -38,18 +38,17 @@ cudaError_t launch_quantize(const void* x, FloatKind x_kind, int64_t rows, int64
     err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   }
   if (err != cudaSuccess) return err;
-  QuantizeLaunch how;
-  how.programmatic = major >= 9;
+  const bool programmatic = major >= 9;
   switch (x_kind) {
     case FloatKind::kF16:
       return launch_quantize_typed(static_cast<const __half*>(x), rows, k, kp, group_len,
-                                   clip_ratio, packed, scales, how, stream);
+                                   clip_ratio, packed, scales, programmatic, stream);
     case FloatKind::kBF16:
       return launch_quantize_typed(static_cast<const __nv_bfloat16*>(x), rows, k, kp, group_len,
-                                   clip_ratio, packed, scales, how, stream);
+                                   clip_ratio, packed, scales, programmatic, stream);
     default:
       return launch_quantize_typed(static_cast<const float*>(x), rows, k, kp, group_len,
-                                   clip_ratio, packed, scales, how, stream);
+                                   clip_ratio, packed, scales, programmatic, stream);
   }
 }
 

@@ -180,24 +180,13 @@ __device__ __forceinline__ uint32_t quantize_8(const V& v, float scale) {
   return word;
 }
 
-// How launch_quantize_typed launches the quantize kernel. programmatic: as a
-// programmatic dependent of the kernel before it on the stream (compute
-// capability 9.0+), so that its launch overlaps that kernel's end; it waits
-// for it before reading x. release_first: its own dependent may start before
-// it waits, else once x's loads are issued (so that they are not queued
-// behind the dependent's weight loads).
-struct QuantizeLaunch {
-  bool programmatic = false;
-  bool release_first = false;
-};
-
 // One row (blockIdx.x) of x [rows, k] into packed [rows, kp/2] and scales
 // [rows, groups]; the block's kVecs * blockDim.x vectors form a chunk, and
 // thread t holds vectors t, t + blockDim.x, ... of it (coalesced loads).
 template <typename T, bool kVectorLoads, bool kClamp, int kVecs>
 __global__ void __launch_bounds__(kQuantizeMaxThreads)
     quantize_kernel(const T* x, int64_t k, int kp, int group_len, float clip_ratio,
-                    uint8_t* packed, float* scales, bool release_first) {
+                    uint8_t* packed, float* scales) {
   extern __shared__ uint32_t group_bits[];  // per group: amax bits, then scale bits
   const int groups = kp / group_len;
   const int vecs = kp / 8;
@@ -208,7 +197,12 @@ __global__ void __launch_bounds__(kQuantizeMaxThreads)
   float* row_scales = scales + row * groups;
   const int lane = threadIdx.x % 32;
   Vec8<T> v[kVecs];
-  if (release_first) release_dependents();
+  // Launched as a programmatic dependent (launch_quantize_typed), the kernel
+  // waits for x's writer here; its own dependent, the decode GEMM, is released
+  // first so that it streams its weights meanwhile (it waits for this grid
+  // before reading the activations). Releasing it only once x's loads were
+  // issued cost 1.4 % of a decode chain (H100, benchmarks/NOTES.md v16).
+  release_dependents();
   wait_for_prerequisite();
   auto load_chunk = [&](int c0) {
 #pragma unroll
@@ -225,7 +219,6 @@ __global__ void __launch_bounds__(kQuantizeMaxThreads)
     const int lane_shift = __ffs(lanes) - 1;  // vec >> lane_shift: its group
     for (int c0 = 0; c0 < vecs; c0 += chunk) {
       load_chunk(c0);
-      if (c0 == 0 && !release_first) release_dependents();
 #pragma unroll
       for (int j = 0; j < kVecs; ++j) {
         const int vec = c0 + j * blockDim.x + threadIdx.x;
@@ -246,7 +239,6 @@ __global__ void __launch_bounds__(kQuantizeMaxThreads)
   const bool one_pass = vecs <= chunk;
   for (int c0 = 0; c0 < vecs; c0 += chunk) {
     load_chunk(c0);
-    if (c0 == 0 && !release_first) release_dependents();
     if (groups == 1) {  // per channel: one atomic per warp
       uint32_t bits = 0;
 #pragma unroll
@@ -338,10 +330,13 @@ __device__ void quantize_rows_in_block(const T* x, int64_t k, int kp, int group_
   __syncthreads();
 }
 
+// programmatic: the kernel is launched as a programmatic dependent of the
+// kernel before it on the stream (compute capability 9.0+), so that its
+// launch overlaps that kernel's end.
 template <typename T>
 cudaError_t launch_quantize_typed(const T* x, int64_t rows, int64_t k, int64_t kp,
                                   int64_t group_len, float clip_ratio, uint8_t* packed,
-                                  float* scales, QuantizeLaunch how, cudaStream_t stream) {
+                                  float* scales, bool programmatic, cudaStream_t stream) {
   const bool vector_loads = k % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   // Enough warps for a row's vectors (one chunk), at most kQuantizeMaxThreads.
   const bool long_rows = sizeof(T) == 2 && vector_loads && kp / 8 > kLongRowVecs;
@@ -360,11 +355,9 @@ cudaError_t launch_quantize_typed(const T* x, int64_t rows, int64_t k, int64_t k
                              : quantize_kernel<T, true, false, kLong>)
                     : (clamp ? quantize_kernel<T, true, true, kVecsPerThread>
                              : quantize_kernel<T, true, false, kVecsPerThread>);
-  // The dependent GEMM of the decode w4a4_linear streams its weights once
-  // released, until it waits for this grid.
   return launch_kernel(kernel, dim3(static_cast<unsigned>(rows)), dim3(threads), smem, stream,
-                       how.programmatic, x, k, static_cast<int>(kp), static_cast<int>(group_len),
-                       clip_ratio, packed, scales, how.release_first);
+                       programmatic, x, k, static_cast<int>(kp), static_cast<int>(group_len),
+                       clip_ratio, packed, scales);
 }
 
 }  // namespace apex4::cuda

@@ -12,7 +12,7 @@
 //     -gencode=arch=compute_90a,code=sm_90a csrc/cuda/tests/gemm_timing.cu \
 //     csrc/cuda/gemm_wgmma.cu csrc/cuda/gemm_tiled_int8.cu csrc/cuda/gemm_decode.cu \
 //     csrc/cuda/quantize.cu -o build/gemm_timing
-//   build/gemm_timing [splitk|grouped|wide|decode|rows|chain]...   (default: all)
+//   build/gemm_timing [splitk|grouped|wide|decode|rows|stages|chain]...   (default: all)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -282,8 +282,8 @@ void rows(int sms) {
       const std::string label = len == 0 ? " pc" : " g128";
       const auto forced = [=](auto row_groups) {
         constexpr int kRowGroups = decltype(row_groups)::value;
-        const auto launch = len == 0 ? launch_gemm_decode_shape<2, kRowGroups, false>
-                                     : launch_gemm_decode_shape<2, kRowGroups, true>;
+        const auto launch = len == 0 ? launch_gemm_decode_shape<2, kRowGroups, 1024, false>
+                                     : launch_gemm_decode_shape<2, kRowGroups, 1024, true>;
         return [=] { CUDA_OK(launch(p, 2 * sms, false, nullptr)); };
       };
       run_variants(pr,
@@ -291,6 +291,43 @@ void rows(int sms) {
                     {"rows32" + label, forced(std::integral_constant<int, 2>{})}},
                    len == 0);
       free_problem(pr);
+    }
+  }
+}
+
+// The decode kernel with its ring's stages forced to 1, 2, 3 and 4 KB of K
+// of each row (16-row tiles, grid of 2 blocks per SM), at M = 1 and 16: the
+// data behind launch_gemm_decode_for's stage size. The ring holds what fits;
+// with large stages and 16 tokens that is one or two.
+void stages(int sms) {
+  std::printf("== decode kernel: ring stages of 1, 2, 3, 4 KB\n");
+  for (const auto& s : kShapes) {
+    for (int m : {1, 16}) {
+      for (int len : {0, 128}) {
+        Problem pr = make_problem(m, s[1], s[0], len == 0 ? 1 : s[0] / len);
+        const GemmParams p = pr.params();
+        const std::string label = len == 0 ? " pc" : " g128";
+        const auto forced = [=](auto stage_bytes) {
+          constexpr int kStageBytes = decltype(stage_bytes)::value;
+          const auto launch = [=] {
+            CUDA_OK(m <= 8 ? (len == 0 ? launch_gemm_decode_shape<1, 1, kStageBytes, false>
+                                       : launch_gemm_decode_shape<1, 1, kStageBytes, true>)(
+                                 p, 2 * sms, false, nullptr)
+                           : (len == 0 ? launch_gemm_decode_shape<2, 1, kStageBytes, false>
+                                       : launch_gemm_decode_shape<2, 1, kStageBytes, true>)(
+                                 p, 2 * sms, false, nullptr));
+          };
+          return std::make_pair("stage" + std::to_string(kStageBytes / 1024) + "k" + label,
+                                std::function<void()>(launch));
+        };
+        run_variants(pr,
+                     {forced(std::integral_constant<int, 1024>{}),
+                      forced(std::integral_constant<int, 2048>{}),
+                      forced(std::integral_constant<int, 3072>{}),
+                      forced(std::integral_constant<int, 4096>{})},
+                     len == 0);
+        free_problem(pr);
+      }
     }
   }
 }
@@ -308,10 +345,9 @@ __global__ void write_x(const float* prev, int prev_n, __half* x, int k) {
 // The decode w4a4_linear pairs of eight 7B-shaped layers (q/k/v and gate/up
 // fused) in one CUDA graph, each pair after a kernel that writes its x from
 // the previous output, as in a decode step; replayed back to back. The
-// quantize kernel launched plainly, as a programmatic dependent of the
-// writer, and as one that also releases the GEMM before it waits: what the
-// launch gaps around the quantizer cost. Every variant must give the bits of
-// the first.
+// quantize kernel launched plainly and as a programmatic dependent of the
+// writer: what the launch gaps around the quantizer cost. Both must give the
+// same bits.
 void chain(int sms) {
   std::printf("== decode chain: writer -> quantize -> GEMM, 8 x 7B layers in a graph\n");
   const int layer[][2] = {{4096, 12288}, {4096, 4096}, {4096, 22016}, {11008, 4096}};
@@ -328,28 +364,25 @@ void chain(int sms) {
     }
     cudaStream_t stream;
     CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    const auto record = [&](QuantizeLaunch how) {
+    const auto record = [&](bool programmatic) {
       for (size_t i = 0; i < prs.size(); ++i) {
         const Problem& prev = prs[(i + prs.size() - 1) % prs.size()];
         const Problem& pr = prs[i];
         write_x<<<m, 256, 0, stream>>>(prev.out, prev.n, xs[i], pr.k);
-        CUDA_OK(launch_quantize_typed(xs[i], m, pr.k, pr.k, pr.k, 1.0f, pr.a, pr.sa, how, stream));
+        CUDA_OK(launch_quantize_typed(xs[i], m, pr.k, pr.k, pr.k, 1.0f, pr.a, pr.sa, programmatic, stream));
         CUDA_OK(launch_gemm_decode_for(pr.params(), 2 * sms, true, stream));
       }
     };
     std::vector<float> ref;
-    const std::pair<const char*, QuantizeLaunch> variants[] = {
-        {"plain", {false, false}},
-        {"programmatic", {true, false}},
-        {"programmatic, release first", {true, true}}};
-    for (const auto& [name, how] : variants) {
+    const std::pair<const char*, bool> variants[] = {{"plain", false}, {"programmatic", true}};
+    for (const auto& [name, programmatic] : variants) {
       for (const Problem& pr : prs) {
         CUDA_OK(cudaMemsetAsync(pr.out, 0, int64_t{m} * pr.n * 4, stream));
       }
       cudaGraph_t graph;
       cudaGraphExec_t exec;
       CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-      record(how);
+      record(programmatic);
       CUDA_OK(cudaStreamEndCapture(stream, &graph));
       CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
       CUDA_OK(cudaGraphLaunch(exec, stream));  // one step from zero outputs: the bits to compare
@@ -401,13 +434,14 @@ int main(int argc, char** argv) {
   std::printf("%s, %d SMs\n", prop.name, sms);
   CUDA_OK(cudaMalloc(&g_flush, kFlushBytes));
   std::vector<std::string> parts(argv + 1, argv + argc);
-  if (parts.empty()) parts = {"splitk", "grouped", "wide", "decode", "rows", "chain"};
+  if (parts.empty()) parts = {"splitk", "grouped", "wide", "decode", "rows", "stages", "chain"};
   for (const std::string& part : parts) {
     if (part == "splitk") splitk(sms);
     if (part == "grouped") grouped(sms);
     if (part == "wide") wide(sms);
     if (part == "decode") decode_vs_mma(sms);
     if (part == "rows") rows(sms);
+    if (part == "stages") stages(sms);
     if (part == "chain") chain(sms);
   }
   std::printf("%d mismatches\n", g_failures);

@@ -343,6 +343,19 @@ void test_linear_decode(FloatKind kind, const char* type_name, int m, int n, int
 
 }  // namespace
 
+// This binary's kernels came from sm_90a code (wgmma, bulk copies) only if
+// it was built for it: a compute_80 PTX build, JIT-compiled on a Hopper GPU,
+// runs the Ampere paths there (the decode kernel's cp.async ring) and has no
+// wgmma kernel to test.
+__global__ void build_probe() {}
+bool built_for_sm90a() {
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, build_probe) != cudaSuccess) return false;
+  std::printf("built for compute_%d, running as sm_%d\n", attributes.ptxVersion,
+              attributes.binaryVersion);
+  return attributes.ptxVersion >= 90;
+}
+
 int main() {
   // Line-buffered even into a file, with a line as each part starts: if a
   // kernel hangs and the run is killed, the log ends at the part that hung.
@@ -385,7 +398,7 @@ int main() {
     bool runs;
   } paths[] = {{"tiled_int4 (sm80)", apex4::cuda::launch_gemm_tiled_int4, true},
                {"tiled_int8 (sm90mma)", apex4::cuda::launch_gemm_tiled_int8, true},
-               {"wgmma (sm90)", launch_wgmma_planned, major == 9 && minor == 0},
+               {"wgmma (sm90)", launch_wgmma_planned, major == 9 && minor == 0 && built_for_sm90a()},
                {"decode", apex4::cuda::launch_gemm_decode, true}};
   for (const auto& path : paths) {
     if (!path.runs) continue;
