@@ -6,9 +6,8 @@
 namespace apex4::cuda {
 namespace {
 
-// Blocks of the decode GEMM: two per SM (registers and the ring's shared
-// memory), each walking row tiles, so that its ring runs on from one tile
-// into the next.
+// Blocks of the decode GEMM: decode::kBlocksPerSm per SM, each walking row
+// tiles, so that its ring runs on from one tile into the next.
 cudaError_t decode_row_blocks(int* blocks, int* major) {
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -16,7 +15,7 @@ cudaError_t decode_row_blocks(int* blocks, int* major) {
   if (err == cudaSuccess) {
     err = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
   }
-  *blocks = 2 * sms;
+  *blocks = decode::kBlocksPerSm * sms;
   return err;
 }
 

@@ -54,6 +54,9 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 16;  // weight rows of a row group: the MMA's M
 constexpr int kChunkBytes = 32;  // 64 values: one k64 step
 constexpr int kMaxStages = 6;
+// Blocks a launch plans for per SM (registers and the ring's shared memory);
+// the launchers' grids are this many blocks per SM.
+constexpr int kBlocksPerSm = 2;
 // Row pitch in a stage of stage_bytes of K: 32 bytes past a multiple of 128,
 // so the 8-byte loads of rows g = 0..7 (bytes 8t..8t+7 of one chunk) fill 32
 // banks twice over.
@@ -191,7 +194,7 @@ struct StageRing {
 };
 
 template <int kTokenTiles, int kRowGroups, int kStageBytes, bool kGrouped>
-__global__ void __launch_bounds__(decode::kThreads, 2)
+__global__ void __launch_bounds__(decode::kThreads, decode::kBlocksPerSm)
     gemm_decode_kernel(const GemmParams p, int stages) {
   using Mma = Int8Mma;
   using Partial = std::conditional_t<kGrouped, float, int>;
@@ -405,14 +408,15 @@ __global__ void __launch_bounds__(decode::kThreads, 2)
 
 // A launch's ring: a slot's bytes (a row tile's weight rows and the block's
 // token rows, kStageBytes of K each), the most (row tile, stage) items a block
-// walks, and the stages that fit two blocks per SM (each less its static
-// partials and the 1 KB the system keeps), at most kMaxStages and items.
+// walks, and the stages that fit blocks_per_sm blocks per SM (each less its
+// static partials and the 1 KB the system keeps), at most kMaxStages and
+// items.
 struct DecodeRing {
   int slot_bytes;
   int64_t items, stages;
 };
 inline DecodeRing decode_ring(const GemmParams& p, int row_blocks, int token_tiles, int row_groups,
-                              int stage_bytes, int smem_per_sm) {
+                              int stage_bytes, int smem_per_sm, int blocks_per_sm) {
   const int tile_rows = decode::kRows * row_groups;
   const int tokens = p.m < 8 * token_tiles ? p.m : 8 * token_tiles;
   const int row_tiles = (p.n + tile_rows - 1) / tile_rows;
@@ -420,7 +424,7 @@ inline DecodeRing decode_ring(const GemmParams& p, int row_blocks, int token_til
   ring.slot_bytes = (tile_rows + tokens) * decode::row_pitch(stage_bytes);
   ring.items = static_cast<int64_t>((row_tiles + row_blocks - 1) / row_blocks) *
                ((p.kp / 2 + stage_bytes - 1) / stage_bytes);
-  const int64_t budget = smem_per_sm / 2 - 1024 -
+  const int64_t budget = smem_per_sm / blocks_per_sm - 1024 -
                          static_cast<int64_t>(sizeof(int)) * decode::kWarps * token_tiles * 128;
   ring.stages = budget / ring.slot_bytes;
   if (ring.stages > decode::kMaxStages) ring.stages = decode::kMaxStages;
@@ -444,11 +448,13 @@ inline cudaError_t decode_smem_per_sm(int* bytes) {
 
 // Grid: one block per row tile (fewer, each walking several, with
 // max_row_blocks > 0) and per 8 * kTokenTiles tokens; the ring as
-// decode_ring sizes it. programmatic: launched as a programmatic dependent of
-// the kernel before it on the stream (compute capability 9.0+).
+// decode_ring sizes it for blocks_per_sm blocks an SM. programmatic: launched
+// as a programmatic dependent of the kernel before it on the stream (compute
+// capability 9.0+).
 template <int kTokenTiles, int kRowGroups, int kStageBytes, bool kGrouped>
 cudaError_t launch_gemm_decode_shape(const GemmParams& p, int max_row_blocks, bool programmatic,
-                                     cudaStream_t stream) {
+                                     cudaStream_t stream,
+                                     int blocks_per_sm = decode::kBlocksPerSm) {
   constexpr int kTokens = 8 * kTokenTiles;
   const auto kernel = gemm_decode_kernel<kTokenTiles, kRowGroups, kStageBytes, kGrouped>;
   int smem_per_sm = 0;
@@ -456,7 +462,7 @@ cudaError_t launch_gemm_decode_shape(const GemmParams& p, int max_row_blocks, bo
   if (err != cudaSuccess) return err;
   const int row_blocks = decode_row_blocks(p.n, decode::kRows * kRowGroups, max_row_blocks);
   const DecodeRing ring =
-      decode_ring(p, row_blocks, kTokenTiles, kRowGroups, kStageBytes, smem_per_sm);
+      decode_ring(p, row_blocks, kTokenTiles, kRowGroups, kStageBytes, smem_per_sm, blocks_per_sm);
   const size_t smem_bytes = static_cast<size_t>(ring.stages) * ring.slot_bytes;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem_bytes));
@@ -494,7 +500,7 @@ inline cudaError_t launch_gemm_decode_for(const GemmParams& p, int max_row_block
       token_tiles == 2 && max_row_blocks > 0 && 7 * busiest_rows(2) <= 8 * busiest_rows(1) ? 2 : 1;
   const DecodeRing wide_stages =
       decode_ring(p, decode_row_blocks(p.n, decode::kRows * row_groups, max_row_blocks),
-                  token_tiles, row_groups, 2048, smem_per_sm);
+                  token_tiles, row_groups, 2048, smem_per_sm, decode::kBlocksPerSm);
   const bool wide = wide_stages.stages >= (wide_stages.items < 3 ? wide_stages.items : 3);
 
   const auto launch = [&](auto token_tiles_c, auto row_groups_c, auto stage_bytes_c) {

@@ -284,7 +284,9 @@ void rows(int sms) {
         constexpr int kRowGroups = decltype(row_groups)::value;
         const auto launch = len == 0 ? launch_gemm_decode_shape<2, kRowGroups, 1024, false>
                                      : launch_gemm_decode_shape<2, kRowGroups, 1024, true>;
-        return [=] { CUDA_OK(launch(p, 2 * sms, false, nullptr)); };
+        return [=] {
+          CUDA_OK(launch(p, decode::kBlocksPerSm * sms, false, nullptr, decode::kBlocksPerSm));
+        };
       };
       run_variants(pr,
                    {{"rows16" + label, forced(std::integral_constant<int, 1>{})},
@@ -296,35 +298,39 @@ void rows(int sms) {
 }
 
 // The decode kernel with its ring's stages forced to 1, 2, 3 and 4 KB of K
-// of each row (16-row tiles, grid of 2 blocks per SM), at M = 1 and 16: the
-// data behind launch_gemm_decode_for's stage size. The ring holds what fits;
-// with large stages and 16 tokens that is one or two.
+// of each row (16-row tiles), planned for 2 blocks per SM (the launchers'
+// grid) and for 1 with twice the shared memory, at M = 1 and 16: the data
+// behind launch_gemm_decode_for's stage size. The ring holds what fits; with
+// large stages and 16 tokens that is one or two.
 void stages(int sms) {
-  std::printf("== decode kernel: ring stages of 1, 2, 3, 4 KB\n");
+  std::printf("== decode kernel: ring stages of 1, 2, 3, 4 KB; 2 or 1 blocks per SM\n");
   for (const auto& s : kShapes) {
     for (int m : {1, 16}) {
       for (int len : {0, 128}) {
         Problem pr = make_problem(m, s[1], s[0], len == 0 ? 1 : s[0] / len);
         const GemmParams p = pr.params();
         const std::string label = len == 0 ? " pc" : " g128";
-        const auto forced = [=](auto stage_bytes) {
+        const auto forced = [=](auto stage_bytes, int per_sm) {
           constexpr int kStageBytes = decltype(stage_bytes)::value;
           const auto launch = [=] {
             CUDA_OK(m <= 8 ? (len == 0 ? launch_gemm_decode_shape<1, 1, kStageBytes, false>
                                        : launch_gemm_decode_shape<1, 1, kStageBytes, true>)(
-                                 p, 2 * sms, false, nullptr)
+                                 p, per_sm * sms, false, nullptr, per_sm)
                            : (len == 0 ? launch_gemm_decode_shape<2, 1, kStageBytes, false>
                                        : launch_gemm_decode_shape<2, 1, kStageBytes, true>)(
-                                 p, 2 * sms, false, nullptr));
+                                 p, per_sm * sms, false, nullptr, per_sm));
           };
-          return std::make_pair("stage" + std::to_string(kStageBytes / 1024) + "k" + label,
+          return std::make_pair("stage" + std::to_string(kStageBytes / 1024) + "k/" +
+                                    std::to_string(per_sm) + label,
                                 std::function<void()>(launch));
         };
+        using K1 = std::integral_constant<int, 1024>;
+        using K2 = std::integral_constant<int, 2048>;
+        using K3 = std::integral_constant<int, 3072>;
+        using K4 = std::integral_constant<int, 4096>;
         run_variants(pr,
-                     {forced(std::integral_constant<int, 1024>{}),
-                      forced(std::integral_constant<int, 2048>{}),
-                      forced(std::integral_constant<int, 3072>{}),
-                      forced(std::integral_constant<int, 4096>{})},
+                     {forced(K1{}, 2), forced(K2{}, 2), forced(K3{}, 2), forced(K4{}, 2),
+                      forced(K1{}, 1), forced(K2{}, 1), forced(K4{}, 1)},
                      len == 0);
         free_problem(pr);
       }
@@ -370,7 +376,7 @@ void chain(int sms) {
         const Problem& pr = prs[i];
         write_x<<<m, 256, 0, stream>>>(prev.out, prev.n, xs[i], pr.k);
         CUDA_OK(launch_quantize_typed(xs[i], m, pr.k, pr.k, pr.k, 1.0f, pr.a, pr.sa, programmatic, stream));
-        CUDA_OK(launch_gemm_decode_for(pr.params(), 2 * sms, true, stream));
+        CUDA_OK(launch_gemm_decode_for(pr.params(), decode::kBlocksPerSm * sms, true, stream));
       }
     };
     std::vector<float> ref;
