@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device call (prepared): the tables of record after the decode launcher's
 # 2 KB stages and 32-row tile rule landed, and what limits the decode kernel:
-#  * kernel_test (sm_90a); `gemm_timing stages` (1-4 KB stages, 2 or 1
-#    blocks per SM, forced);
+#  * kernel_test (sm_90a), and a mutant of it with the decode pair's
+#    quantizer programmatic and releasing first (its weight-writer test must
+#    fail); `gemm_timing stages` (1-4 KB stages, 2 or 1 blocks per SM,
+#    forced) and `chain` (the pair against one kernel after the other);
 #  * the extension (9.0a); the GEMM grid (eager, pc and g128: the cost-model
 #    check's input); the end to end per channel (prefill, decode b1 and b16,
 #    with a profile);
@@ -23,6 +25,21 @@ mkdir -p $B
   $(ls csrc/cuda/*.cu | grep -v ops_cuda.cu) -o $B/kernel_test &
 [[ -x $B/gemm_timing ]] || $NV csrc/cuda/tests/gemm_timing.cu csrc/cuda/gemm_wgmma.cu \
   csrc/cuda/gemm_tiled_int8.cu csrc/cuda/gemm_decode.cu csrc/cuda/quantize.cu -o $B/gemm_timing &
+if [[ ! -x $B/kernel_test_mutant ]]; then
+  M=$B/mutant && mkdir -p $M/cuda && cp csrc/cuda/quantize.cuh $M/cuda/ && cp csrc/cuda/gemm_decode.cu $M/
+  python3 - "$M" <<'PY'
+import sys
+def swap(path, old, new):
+    s = open(path).read()
+    assert old in s, (path, old)
+    open(path, "w").write(s.replace(old, new))
+swap(sys.argv[1] + "/cuda/quantize.cuh", "  wait_for_prerequisite();\n  release_dependents();",
+     "  release_dependents();\n  wait_for_prerequisite();")
+swap(sys.argv[1] + "/gemm_decode.cu", "/*programmatic=*/false", "/*programmatic=*/true")
+PY
+  $NV -I$M csrc/cuda/tests/kernel_test.cu $(ls csrc/cuda/*.cu | grep -v "ops_cuda.cu\|gemm_decode.cu") \
+    $M/gemm_decode.cu -o $B/kernel_test_mutant &
+fi
 wait
 [[ ${BUILD_ONLY:-0} == 1 ]] && exit 0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv,noheader
@@ -30,8 +47,14 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total 
   && python3 setup.py -q egg_info) >/tmp/build.log 2>&1 & build=$!
 timeout 90 $B/kernel_test >"$OUT/kernel_test.log" 2>&1
 echo "kernel_test rc $?: $(grep -E 'passed' "$OUT/kernel_test.log") at ${SECONDS}s"
-timeout 60 $B/gemm_timing stages >"$OUT/gemm_timing_stages.txt" 2>&1
-echo "gemm_timing stages rc $? at ${SECONDS}s"
+grep -i "fail" "$OUT/kernel_test.log" | head -5
+# The mutant (v16): the pair's quantizer programmatic and releasing its GEMM
+# before it waits; the weight-writer test must fail there, and only it.
+timeout 90 $B/kernel_test_mutant >/tmp/mutant.log 2>&1
+echo "mutant rc $?: $(grep -E 'passed' /tmp/mutant.log)"; grep -i "fail" /tmp/mutant.log | head -5
+grep -iE "fail|passed" /tmp/mutant.log >"$OUT/kernel_test_mutant.log"
+timeout 60 $B/gemm_timing stages chain >"$OUT/gemm_timing.txt" 2>&1
+echo "gemm_timing stages chain rc $? at ${SECONDS}s"; grep -E "one after|paired|mismatch" "$OUT/gemm_timing.txt"
 wait $build; echo "build rc $? at ${SECONDS}s"; tail -1 /tmp/build.log
 timeout 200 python3 benchmarks/bench_gemm.py --granularities pc g128 \
   --json "$OUT/bench_gemm.json" >"$OUT/bench_gemm_table.txt" 2>"$OUT/bench_gemm.log"

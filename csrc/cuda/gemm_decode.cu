@@ -34,7 +34,8 @@ cudaError_t launch_linear_decode(const GemmParams& p, const void* x, FloatKind x
   cudaError_t err = decode_row_blocks(&blocks, &major);
   if (err != cudaSuccess) return err;
   err = launch_quantize(x, x_kind, p.m, k, p.kp, p.kp / p.groups, clip_ratio,
-                        const_cast<uint8_t*>(p.a), const_cast<float*>(p.a_scale), stream);
+                        const_cast<uint8_t*>(p.a), const_cast<float*>(p.a_scale),
+                        /*programmatic=*/false, stream);
   if (err != cudaSuccess) return err;
   // Programmatic dependent launch needs compute capability 9.0.
   return launch_gemm_decode_for(p, blocks, major >= 9, stream);

@@ -46,10 +46,15 @@ constexpr int64_t kMaxInt8MmaGroupLen = (int64_t{1} << 31) / (128 * 128) - 64;
 // binding picks it up to here. Larger M still runs, 16 tokens per block row.
 constexpr int kDecodeMaxTokens = 16;
 
-// x [rows, k] -> packed [rows, kp/2], scales [rows, kp/group_len].
+// x [rows, k] -> packed [rows, kp/2], scales [rows, kp/group_len]. With
+// programmatic set, on compute capability 9.0+ the kernel is launched as a
+// programmatic dependent of the kernel before it on the stream (its launch
+// overlaps that kernel's end); a quantizer whose own dependent reads data
+// before it waits (the decode pair) must be launched plainly: see
+// quantize_kernel.
 cudaError_t launch_quantize(const void* x, FloatKind x_kind, int64_t rows, int64_t k, int64_t kp,
                             int64_t group_len, float clip_ratio, uint8_t* packed, float* scales,
-                            cudaStream_t stream);
+                            bool programmatic, cudaStream_t stream);
 // Largest group count per row launch_quantize accepts (its shared memory).
 constexpr int64_t kQuantizeMaxGroups = 12288;
 
@@ -91,8 +96,10 @@ cudaError_t launch_gemm_decode(const GemmParams& p, cudaStream_t stream);
 // [p.m, k] (float type x_kind) into p.a / p.a_scale, which are the caller's
 // workspaces here ([p.m, kp/2] bytes, [p.m, groups] floats), then the decode
 // GEMM, launched as the quantize kernel's programmatic dependent on compute
-// capability 9.0+ so that its weights stream in while x is quantized. The
-// output has the bits of launch_quantize + launch_gemm_decode.
+// capability 9.0+ so that its weights stream in while x is quantized (the
+// quantize kernel itself launched plainly, so that every kernel before the
+// pair, a writer of the weight among them, has finished first). The output
+// has the bits of launch_quantize + launch_gemm_decode.
 cudaError_t launch_linear_decode(const GemmParams& p, const void* x, FloatKind x_kind, int64_t k,
                                  float clip_ratio, cudaStream_t stream);
 

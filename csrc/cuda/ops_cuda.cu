@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x,
   C10_CUDA_CHECK(cuda::launch_quantize(xc.const_data_ptr(), float_kind(xc.scalar_type()), d.rows,
                                        d.k, d.kp, d.group_len, static_cast<float>(clip_ratio),
                                        packed.mutable_data_ptr<uint8_t>(),
-                                       scales.mutable_data_ptr<float>(),
+                                       scales.mutable_data_ptr<float>(), /*programmatic=*/true,
                                        c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {packed, scales};

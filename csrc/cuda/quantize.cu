@@ -28,17 +28,17 @@ inline unsigned elementwise_blocks(int64_t n, int threads) {
 
 cudaError_t launch_quantize(const void* x, FloatKind x_kind, int64_t rows, int64_t k, int64_t kp,
                             int64_t group_len, float clip_ratio, uint8_t* packed, float* scales,
-                            cudaStream_t stream) {
-  // Programmatic on compute capability 9.0+: x's writer is most often the
-  // kernel right before (a norm, an activation), and the launch gap after it
-  // is a good part of a decode step's small kernels.
+                            bool programmatic, cudaStream_t stream) {
+  // x's writer is most often the kernel right before (a norm, an activation),
+  // and the launch gap after it is a good part of a decode step's small
+  // kernels: programmatic where the GPU has it (compute capability 9.0+).
   int device = 0, major = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) {
     err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   }
   if (err != cudaSuccess) return err;
-  const bool programmatic = major >= 9;
+  programmatic = programmatic && major >= 9;
   switch (x_kind) {
     case FloatKind::kF16:
       return launch_quantize_typed(static_cast<const __half*>(x), rows, k, kp, group_len,

@@ -132,7 +132,7 @@ void test_quantize(FloatKind kind, const char* type_name, int64_t rows, int64_t 
   DeviceBuffer<uint8_t> dpacked(rows * kp / 2);
   DeviceBuffer<float> dscales(rows * groups);
   CUDA_OK(apex4::cuda::launch_quantize(dx.ptr, kind, rows, k, kp, kp / groups, clip, dpacked.ptr,
-                                       dscales.ptr, nullptr));
+                                       dscales.ptr, true, nullptr));
   CUDA_OK(cudaGetLastError());
   const auto packed = dpacked.host();
   const auto scales = dscales.host();
@@ -323,7 +323,7 @@ void test_linear_decode(FloatKind kind, const char* type_name, int m, int n, int
   DeviceBuffer<T> two_ops(static_cast<size_t>(m) * n), fused(static_cast<size_t>(m) * n);
   const float clip = 0.9f;
   CUDA_OK(apex4::cuda::launch_quantize(dx.ptr, kind, m, k, kp, kp / groups, clip, da.ptr, dsa.ptr,
-                                       nullptr));
+                                       true, nullptr));
   GemmParams p{da.ptr, dsa.ptr, dw.ptr, dsw.ptr, dbias.ptr, FloatKind::kF32, two_ops.ptr, kind,
                m, n, static_cast<int>(kp), static_cast<int>(groups)};
   CUDA_OK(apex4::cuda::launch_gemm_decode(p, nullptr));
@@ -339,6 +339,50 @@ void test_linear_decode(FloatKind kind, const char* type_name, int m, int n, int
   expect(same, std::string("linear_decode ") + type_name + " m=" + std::to_string(m) + " n=" +
                    std::to_string(n) + " k=" + std::to_string(k) + " group=" +
                    std::to_string(group) + ": bits of quantize + decode GEMM");
+}
+
+__global__ void fill_weight(__half* w, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const uint32_t h = (static_cast<uint32_t>(i) * 2654435761u) >> 20;  // 12 bits
+    w[i] = __float2half(static_cast<float>(h) / 1024.0f - 2.0f);
+  }
+}
+
+// The decode pair right after the kernel that writes its weight (quantized
+// on the GPU as quantize_weight does, into poisoned buffers): its GEMM streams
+// the weight before it waits, so it must not start until that kernel has
+// finished. One 16-row tile a block and a long K, so that the GEMM would read
+// the rows of the weight quantizer's last wave while they are written. Must
+// give the bits of the same pair run once the weight is complete.
+void test_linear_decode_after_weight_writer(std::mt19937& rng) {
+  int device = 0, sms = 0;
+  CUDA_OK(cudaGetDevice(&device));
+  CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int n = 2 * sms * 16;
+  const int64_t k = 32768;
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::vector<__half> x(k);
+  for (auto& v : x) v = from_float_host<__half>(normal(rng));
+  DeviceBuffer<__half> dx(x), w(static_cast<size_t>(n) * k);
+  fill_weight<<<1024, 256>>>(w.ptr, static_cast<int64_t>(n) * k);
+  CUDA_OK(cudaDeviceSynchronize());
+  DeviceBuffer<uint8_t> w_packed(static_cast<size_t>(n) * k / 2), a(k / 2);
+  DeviceBuffer<float> w_scales(n), a_scales(1);
+  DeviceBuffer<__half> racing(n), settled(n);
+  GemmParams p{a.ptr, a_scales.ptr, w_packed.ptr, w_scales.ptr, nullptr, FloatKind::kF32,
+               racing.ptr, FloatKind::kF16, 1, n, static_cast<int>(k), 1};
+  CUDA_OK(apex4::cuda::launch_quantize(w.ptr, FloatKind::kF16, n, k, k, k, 1.0f, w_packed.ptr,
+                                       w_scales.ptr, true, nullptr));
+  CUDA_OK(apex4::cuda::launch_linear_decode(p, dx.ptr, FloatKind::kF16, k, 1.0f, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  p.out = settled.ptr;
+  CUDA_OK(apex4::cuda::launch_linear_decode(p, dx.ptr, FloatKind::kF16, k, 1.0f, nullptr));
+  const auto got = racing.host(), want = settled.host();
+  bool finite = true;
+  for (const __half v : want) finite = finite && std::isfinite(__half2float(v));
+  expect(finite && std::memcmp(got.data(), want.data(), got.size() * sizeof(__half)) == 0,
+         "linear_decode right after the weight's writer: bits of the settled run");
 }
 
 }  // namespace
@@ -424,6 +468,7 @@ int main() {
     test_linear_decode<__nv_bfloat16>(FloatKind::kBF16, "bf16", 2, 5000, 4096, group, rng);
     test_linear_decode<__half>(FloatKind::kF16, "f16", 3, 200, 1001, group, rng);  // unaligned rows
   }
+  test_linear_decode_after_weight_writer(rng);
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }
