@@ -5,9 +5,9 @@
 #    quantizer programmatic and releasing first (its weight-writer test must
 #    fail); `gemm_timing stages` (1-4 KB stages, 2 or 1 blocks per SM,
 #    forced) and `chain` (the pair against one kernel after the other);
-#  * the extension (9.0a); the GEMM grid (eager, pc and g128: the cost-model
-#    check's input); the end to end per channel (prefill, decode b1 and b16,
-#    with a profile);
+#  * the extension (9.0a); the end to end per channel (prefill, decode b1
+#    and b16, with a profile); the GEMM grid (eager, pc and g128: the
+#    cost-model check's input) if 150 s are left;
 #  * ncu of the decode kernel at 7B up (4096->11008, M = 1 and 16) and
 #    4096->4096 (M = 1), if time is left.
 #   run(command="LIMIT=550 bash benchmarks/pending/run_next.sh", timeout_s=580,
@@ -56,12 +56,14 @@ grep -iE "fail|passed" /tmp/mutant.log >"$OUT/kernel_test_mutant.log"
 timeout 60 $B/gemm_timing stages chain >"$OUT/gemm_timing.txt" 2>&1
 echo "gemm_timing stages chain rc $? at ${SECONDS}s"; grep -E "one after|paired|mismatch" "$OUT/gemm_timing.txt"
 wait $build; echo "build rc $? at ${SECONDS}s"; tail -1 /tmp/build.log
-timeout 200 python3 benchmarks/bench_gemm.py --granularities pc g128 \
-  --json "$OUT/bench_gemm.json" >"$OUT/bench_gemm_table.txt" 2>"$OUT/bench_gemm.log"
-echo "grid rc $? at ${SECONDS}s"
 timeout $((LIMIT - SECONDS - 10)) python3 benchmarks/bench_e2e.py --granularity pc --profile 8 \
   --json "$OUT/bench_e2e.json" >"$OUT/bench_e2e.txt" 2>&1
 echo "e2e rc $? at ${SECONDS}s"; grep -v -i warn "$OUT/bench_e2e.txt" | tail -7
+if ((LIMIT - SECONDS > 150)); then
+  timeout $((LIMIT - SECONDS - 40)) python3 benchmarks/bench_gemm.py --granularities pc g128 \
+    --json "$OUT/bench_gemm.json" >"$OUT/bench_gemm_table.txt" 2>"$OUT/bench_gemm.log"
+  echo "grid rc $? at ${SECONDS}s"
+fi
 left=$((LIMIT - SECONDS - 5))
 if ((left > 20)); then
   timeout $left ncu --clock-control none -k regex:gemm_decode --section SpeedOfLight \
