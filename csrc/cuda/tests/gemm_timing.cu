@@ -247,24 +247,30 @@ void wide(int sms) {
   }
 }
 
-// The decode kernel for a few tokens against mma.sync (the reference);
-// GB/s is the bandwidth the shape needs at the measured time.
-void decode_vs_mma(int) {
-  std::printf("== decode kernel, M <= 16\n");
+// Each of kShapes at M = 1 and 16, per channel and g128: fn(problem, label).
+void for_each_decode_problem(const std::function<void(Problem&, const std::string&)>& fn) {
   for (const auto& s : kShapes) {
     for (int m : {1, 16}) {
       for (int len : {0, 128}) {
         Problem pr = make_problem(m, s[1], s[0], len == 0 ? 1 : s[0] / len);
-        const GemmParams p = pr.params();
-        const std::string label = len == 0 ? " pc" : " g128";
-        run_variants(pr,
-                     {{"tiled_int8" + label, [=] { CUDA_OK(launch_gemm_tiled_int8(p, nullptr)); }},
-                      {"decode" + label, [=] { CUDA_OK(launch_gemm_decode(p, nullptr)); }}},
-                     len == 0);
+        fn(pr, len == 0 ? " pc" : " g128");
         free_problem(pr);
       }
     }
   }
+}
+
+// The decode kernel for a few tokens against mma.sync (the reference);
+// GB/s is the bandwidth the shape needs at the measured time.
+void decode_vs_mma(int) {
+  std::printf("== decode kernel, M <= 16\n");
+  for_each_decode_problem([](Problem& pr, const std::string& label) {
+    const GemmParams p = pr.params();
+    run_variants(pr,
+                 {{"tiled_int8" + label, [=] { CUDA_OK(launch_gemm_tiled_int8(p, nullptr)); }},
+                  {"decode" + label, [=] { CUDA_OK(launch_gemm_decode(p, nullptr)); }}},
+                 pr.groups == 1);
+  });
 }
 
 // The decode kernel at M = 16 with its tile forced to one row group (16
@@ -304,38 +310,32 @@ void rows(int sms) {
 // large stages and 16 tokens that is one or two.
 void stages(int sms) {
   std::printf("== decode kernel: ring stages of 1, 2, 3, 4 KB; 2 or 1 blocks per SM\n");
-  for (const auto& s : kShapes) {
-    for (int m : {1, 16}) {
-      for (int len : {0, 128}) {
-        Problem pr = make_problem(m, s[1], s[0], len == 0 ? 1 : s[0] / len);
-        const GemmParams p = pr.params();
-        const std::string label = len == 0 ? " pc" : " g128";
-        const auto forced = [=](auto stage_bytes, int per_sm) {
-          constexpr int kStageBytes = decltype(stage_bytes)::value;
-          const auto launch = [=] {
-            CUDA_OK(m <= 8 ? (len == 0 ? launch_gemm_decode_shape<1, 1, kStageBytes, false>
-                                       : launch_gemm_decode_shape<1, 1, kStageBytes, true>)(
-                                 p, per_sm * sms, false, nullptr, per_sm)
-                           : (len == 0 ? launch_gemm_decode_shape<2, 1, kStageBytes, false>
-                                       : launch_gemm_decode_shape<2, 1, kStageBytes, true>)(
-                                 p, per_sm * sms, false, nullptr, per_sm));
-          };
-          return std::make_pair("stage" + std::to_string(kStageBytes / 1024) + "k/" +
-                                    std::to_string(per_sm) + label,
-                                std::function<void()>(launch));
-        };
-        using K1 = std::integral_constant<int, 1024>;
-        using K2 = std::integral_constant<int, 2048>;
-        using K3 = std::integral_constant<int, 3072>;
-        using K4 = std::integral_constant<int, 4096>;
-        run_variants(pr,
-                     {forced(K1{}, 2), forced(K2{}, 2), forced(K3{}, 2), forced(K4{}, 2),
-                      forced(K1{}, 1), forced(K2{}, 1), forced(K4{}, 1)},
-                     len == 0);
-        free_problem(pr);
-      }
-    }
-  }
+  for_each_decode_problem([sms](Problem& pr, const std::string& label) {
+    const GemmParams p = pr.params();
+    const bool grouped = pr.groups > 1;
+    const auto forced = [=](auto stage_bytes, int per_sm) {
+      constexpr int kStageBytes = decltype(stage_bytes)::value;
+      const auto launch = [=] {
+        CUDA_OK(p.m <= 8 ? (grouped ? launch_gemm_decode_shape<1, 1, kStageBytes, true>
+                                    : launch_gemm_decode_shape<1, 1, kStageBytes, false>)(
+                               p, per_sm * sms, false, nullptr, per_sm)
+                         : (grouped ? launch_gemm_decode_shape<2, 1, kStageBytes, true>
+                                    : launch_gemm_decode_shape<2, 1, kStageBytes, false>)(
+                               p, per_sm * sms, false, nullptr, per_sm));
+      };
+      return std::make_pair("stage" + std::to_string(kStageBytes / 1024) + "k/" +
+                                std::to_string(per_sm) + label,
+                            std::function<void()>(launch));
+    };
+    using K1 = std::integral_constant<int, 1024>;
+    using K2 = std::integral_constant<int, 2048>;
+    using K3 = std::integral_constant<int, 3072>;
+    using K4 = std::integral_constant<int, 4096>;
+    run_variants(pr,
+                 {forced(K1{}, 2), forced(K2{}, 2), forced(K3{}, 2), forced(K4{}, 2),
+                  forced(K1{}, 1), forced(K2{}, 1), forced(K4{}, 1)},
+                 !grouped);
+  });
 }
 
 // The next layer's x from this layer's output, one block per row: stands for
