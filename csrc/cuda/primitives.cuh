@@ -50,10 +50,19 @@ __device__ __forceinline__ void wait_for_prerequisite() {
 #endif
 }
 // Launches kernel on stream, as a programmatic dependent of the kernel before
-// it on the stream if `programmatic` (compute capability 9.0+).
+// it on the stream if `programmatic` (compute capability 9.0+) and the kernel
+// was compiled from compute_90+ code: only then does wait_for_prerequisite
+// wait (a compute_80 PTX build JIT-compiled on a Hopper GPU has it as a
+// no-op, and must launch plainly to stay ordered).
 template <typename Kernel, typename... Args>
 cudaError_t launch_kernel(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes,
                           cudaStream_t stream, bool programmatic, Args&&... args) {
+  if (programmatic) {
+    cudaFuncAttributes attributes;
+    const cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
+    if (err != cudaSuccess) return err;
+    programmatic = attributes.ptxVersion >= 90;
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
