@@ -49,19 +49,47 @@ __device__ __forceinline__ void wait_for_prerequisite() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
+// Whether kernel, as loaded on the current device, came from compute_90+
+// code: only then does its wait_for_prerequisite wait (a compute_80 PTX build
+// JIT-compiled on a Hopper GPU has it as a no-op). Cached per thread, since
+// the attribute query costs a few driver calls a launch.
+template <typename Kernel>
+cudaError_t waits_for_prerequisite(Kernel kernel, bool* waits) {
+  struct Seen {
+    const void* kernel;
+    int device;
+    bool waits;
+  };
+  thread_local Seen seen[64];
+  thread_local int count = 0;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const void* key = reinterpret_cast<const void*>(kernel);
+  for (int i = 0; i < count; ++i) {
+    if (seen[i].kernel == key && seen[i].device == device) {
+      *waits = seen[i].waits;
+      return cudaSuccess;
+    }
+  }
+  cudaFuncAttributes attributes;
+  err = cudaFuncGetAttributes(&attributes, kernel);
+  if (err != cudaSuccess) return err;
+  *waits = attributes.ptxVersion >= 90;
+  if (count < 64) seen[count++] = {key, device, *waits};
+  return cudaSuccess;
+}
+
 // Launches kernel on stream, as a programmatic dependent of the kernel before
 // it on the stream if `programmatic` (compute capability 9.0+) and the kernel
-// was compiled from compute_90+ code: only then does wait_for_prerequisite
-// wait (a compute_80 PTX build JIT-compiled on a Hopper GPU has it as a
-// no-op, and must launch plainly to stay ordered).
+// waits for it (waits_for_prerequisite); otherwise plainly, so that it stays
+// ordered.
 template <typename Kernel, typename... Args>
 cudaError_t launch_kernel(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes,
                           cudaStream_t stream, bool programmatic, Args&&... args) {
   if (programmatic) {
-    cudaFuncAttributes attributes;
-    const cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
+    const cudaError_t err = waits_for_prerequisite(kernel, &programmatic);
     if (err != cudaSuccess) return err;
-    programmatic = attributes.ptxVersion >= 90;
   }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
