@@ -13,11 +13,10 @@
 // and one row group each warp multiplies 4 chunks, with two 8 of one group),
 // from shared memory into MMA fragments; rows are stored 32 bytes more than
 // a stage apart so that the 8-byte fragment loads of 8 rows hit distinct
-// banks. The warps' partial sums are reduced in
-// shared memory in warp order, so the result is deterministic. Per channel
-// the partials are int32 and the reduction is exact; per group each warp
-// scales its partials at every group end (or stage end, for groups longer
-// than a warp's chunks) into fp32.
+// banks. The warps' partial sums are reduced in shared memory in warp order,
+// so the result is deterministic. Per channel the partials are int32 and the
+// reduction is exact; per group each warp scales its partials at every group
+// end (or stage end, for groups longer than a warp's chunks) into fp32.
 //
 // Two row groups a tile: the token rows of a stage are read from L2 once per
 // row tile, so with 9..16 tokens and 16-row tiles the L2 carries twice the
