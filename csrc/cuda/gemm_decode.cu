@@ -8,13 +8,10 @@ namespace {
 
 // Blocks of the decode GEMM: decode::kBlocksPerSm per SM, each walking row
 // tiles, so that its ring runs on from one tile into the next.
-cudaError_t decode_row_blocks(int* blocks, int* major) {
+cudaError_t decode_row_blocks(int* blocks) {
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device);
-  }
   *blocks = decode::kBlocksPerSm * sms;
   return err;
 }
@@ -22,23 +19,23 @@ cudaError_t decode_row_blocks(int* blocks, int* major) {
 }  // namespace
 
 cudaError_t launch_gemm_decode(const GemmParams& p, cudaStream_t stream) {
-  int blocks = 0, major = 0;
-  const cudaError_t err = decode_row_blocks(&blocks, &major);
+  int blocks = 0;
+  const cudaError_t err = decode_row_blocks(&blocks);
   if (err != cudaSuccess) return err;
   return launch_gemm_decode_for(p, blocks, false, stream);
 }
 
 cudaError_t launch_linear_decode(const GemmParams& p, const void* x, FloatKind x_kind, int64_t k,
                                  float clip_ratio, cudaStream_t stream) {
-  int blocks = 0, major = 0;
-  cudaError_t err = decode_row_blocks(&blocks, &major);
+  int blocks = 0;
+  cudaError_t err = decode_row_blocks(&blocks);
   if (err != cudaSuccess) return err;
   err = launch_quantize(x, x_kind, p.m, k, p.kp, p.kp / p.groups, clip_ratio,
                         const_cast<uint8_t*>(p.a), const_cast<float*>(p.a_scale),
                         /*programmatic=*/false, stream);
   if (err != cudaSuccess) return err;
-  // Programmatic dependent launch needs compute capability 9.0.
-  return launch_gemm_decode_for(p, blocks, major >= 9, stream);
+  // Programmatic where the kernel has griddepcontrol (launch_kernel decides).
+  return launch_gemm_decode_for(p, blocks, true, stream);
 }
 
 }  // namespace apex4::cuda

@@ -60,6 +60,11 @@ constexpr int kBlocksPerSm = 2;
 // so the 8-byte loads of rows g = 0..7 (bytes 8t..8t+7 of one chunk) fill 32
 // banks twice over.
 constexpr int row_pitch(int stage_bytes) { return stage_bytes + 32; }
+// Shared memory of a ring slot: a row tile's weight rows and a block's token
+// rows, stage_bytes of K each.
+constexpr int slot_bytes(int tile_rows, int tokens, int stage_bytes) {
+  return (tile_rows + tokens) * row_pitch(stage_bytes);
+}
 // The split of a stage (kStageBytes of K of each row) over the warps, with
 // kRowGroups row groups a tile.
 template <int kRowGroups, int kStageBytes>
@@ -214,7 +219,7 @@ __global__ void __launch_bounds__(decode::kThreads, decode::kBlocksPerSm)
   StageRing<kStageBytes> ring;
   ring.smem = smem;
   ring.stages = stages;
-  ring.slot_bytes = (Split::kTileRows + min(p.m, 8 * kTokenTiles)) * Split::kRowPitch;
+  ring.slot_bytes = decode::slot_bytes(Split::kTileRows, min(p.m, 8 * kTokenTiles), kStageBytes);
   ring.tile_rows = Split::kTileRows;
   ring.first_tile = blockIdx.x;
   ring.tile_step = gridDim.x;
@@ -420,7 +425,7 @@ inline DecodeRing decode_ring(const GemmParams& p, int row_blocks, int token_til
   const int tokens = p.m < 8 * token_tiles ? p.m : 8 * token_tiles;
   const int row_tiles = (p.n + tile_rows - 1) / tile_rows;
   DecodeRing ring;
-  ring.slot_bytes = (tile_rows + tokens) * decode::row_pitch(stage_bytes);
+  ring.slot_bytes = decode::slot_bytes(tile_rows, tokens, stage_bytes);
   ring.items = static_cast<int64_t>((row_tiles + row_blocks - 1) / row_blocks) *
                ((p.kp / 2 + stage_bytes - 1) / stage_bytes);
   const int64_t budget = smem_per_sm / blocks_per_sm - 1024 -

@@ -51,8 +51,9 @@ __device__ __forceinline__ void wait_for_prerequisite() {
 }
 // Whether kernel, as loaded on the current device, came from compute_90+
 // code: only then does its wait_for_prerequisite wait (a compute_80 PTX build
-// JIT-compiled on a Hopper GPU has it as a no-op). Cached per thread, since
-// the attribute query costs a few driver calls a launch.
+// JIT-compiled on a Hopper GPU has it as a no-op). Such code runs only on a
+// 9.0+ GPU, so this also says the GPU has programmatic launch. Cached per
+// thread, since the attribute query costs a few driver calls a launch.
 template <typename Kernel>
 cudaError_t waits_for_prerequisite(Kernel kernel, bool* waits) {
   struct Seen {

@@ -31,14 +31,7 @@ cudaError_t launch_quantize(const void* x, FloatKind x_kind, int64_t rows, int64
                             bool programmatic, cudaStream_t stream) {
   // x's writer is most often the kernel right before (a norm, an activation),
   // and the launch gap after it is a good part of a decode step's small
-  // kernels: programmatic where the GPU has it (compute capability 9.0+).
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  }
-  if (err != cudaSuccess) return err;
-  programmatic = programmatic && major >= 9;
+  // kernels: programmatic where the kernel can wait (launch_kernel decides).
   switch (x_kind) {
     case FloatKind::kF16:
       return launch_quantize_typed(static_cast<const __half*>(x), rows, k, kp, group_len,
